@@ -1,0 +1,1 @@
+"""Control plane: configuration, the ``ragtune`` CLI, local cluster start, job submission, models."""
