@@ -1,0 +1,149 @@
+"""The ``ragtune`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import sys
+
+from cluster.config import load_config
+from cluster.errors import RagtuneError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("ragtune")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (default: embedded local defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set serve.engine.dtype=bfloat16 (repeatable)")
+
+
+def _cfg(args):
+    return load_config(args.config, args.overrides)
+
+
+def cmd_bootstrap(args) -> int:
+    """Build the packaged models (idempotent)."""
+    from cluster.models import build_model
+
+    cfg = _cfg(args)
+    for name in args.models:
+        print(build_model(name, cfg.resolved().models_dir))
+    return 0
+
+
+def _banner(cfg, base_url: str) -> None:
+    model = cfg.serve.engine.base_name
+    key = ' -H "Authorization: Bearer $RAGTUNE_API_KEY"' if cfg.serve.auth.keys else ""
+    print(f"\nragtune is serving {model} at {base_url}  (Ctrl-C to stop)\n", flush=True)
+    print(f"  curl -s {base_url}/v1/chat/completions{key} -H 'Content-Type: application/json' \\\n"
+          f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": "
+          f"\"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n", flush=True)
+
+
+def cmd_serve(args) -> int:
+    """Serve the configured app until Ctrl-C."""
+    from cluster.local import run_serving
+
+    cfg = _cfg(args)
+    run_serving(cfg, on_ready=lambda url: _banner(cfg, url))
+    return 0
+
+
+def cmd_up(args) -> int:
+    """Local stack on embedded defaults: Ray, base model, adapters, serving."""
+    return cmd_serve(args)
+
+
+def cmd_keys(args) -> int:
+    """Create an API key: print the key once and the config entry holding only its hash."""
+    from serve.config import hash_key
+
+    key = "rt-" + secrets.token_urlsafe(32)
+    print(f"API key (shown once): {key}")
+    print("Add to serve.auth.keys in your config:")
+    print(f"  - {{sha256: {hash_key(key)}, tenant: {args.tenant}, admin: {str(args.admin).lower()}}}")
+    return 0
+
+
+def _registry(cfg):
+    from cluster.models import resolve_model
+    from serve.registry import open_registry
+
+    cfg = cfg.resolved()
+    engine = cfg.serve.engine
+    return open_registry(cfg.serve.adapters.store_uri, base_model=engine.base_name,
+                         base_model_path=resolve_model(engine.model, cfg.models_dir), max_lora_rank=engine.max_lora_rank)
+
+
+def cmd_adapters(args) -> int:
+    """Manage the adapter store (operator side: paths are allowed here, never over HTTP)."""
+    registry = _registry(_cfg(args))
+    if args.action == "list":
+        print(json.dumps(registry.list(), indent=2))
+    elif args.action == "register":
+        ref = registry.register(args.path, args.name, owner=args.tenant, promote=args.promote or None)
+        print(f"registered {ref.key} (lora_id={ref.lora_id})")
+    elif args.action == "promote":
+        print(f"promoted {registry.promote(args.name, args.version).key}")
+    elif args.action == "rollback":
+        print(f"rolled back to {registry.rollback(args.name).key}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ragtune", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="run the local stack on embedded defaults (Ctrl-C stops it)")
+    _config_args(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("serve", help="serve the configured app (local Ray or ray.address)")
+    _config_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bootstrap", help="build packaged base models into data_dir/models")
+    _config_args(p)
+    p.add_argument("models", nargs="*", default=["smollm2-135m-instruct", "tiny-llama"])
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("keys", help="create an API key for a tenant")
+    p.add_argument("action", choices=["create"])
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--admin", action="store_true")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("adapters", help="list/register/promote/rollback adapters in the store")
+    _config_args(p)
+    p.add_argument("action", choices=["list", "register", "promote", "rollback"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--path", help="register: the PEFT adapter folder")
+    p.add_argument("--tenant", help="register: owner tenant (default: shared)")
+    p.add_argument("--promote", action="store_true", help="register: promote the new version")
+    p.add_argument("--version", type=int, help="promote: the version")
+    p.set_defaults(func=cmd_adapters)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except RagtuneError as exc:
+        print(f"ragtune: error: {exc.message}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"ragtune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

