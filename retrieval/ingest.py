@@ -1,0 +1,317 @@
+"""Incremental ingestion: chunk → embed → upsert, skipping what has not changed.
+
+Each document's content hash (text, source, metadata, plus the chunking config and model name,
+so a config change re-embeds) is stored on every chunk. On ingest:
+
+* unchanged hash → skipped; new → written; changed → the new chunks are upserted first (same
+  ids replace old ones in place), then chunks with the old hash are deleted, so a reader sees
+  the old or the new version of every chunk but never a document without chunks;
+* ``prune=True`` deletes stored documents absent from the input (ids that failed to load still
+  count as present, so a parse error never deletes the previous version);
+* bad items (empty, oversized, duplicate ids, invalid UTF-8, unparsable) become per-item errors
+  in the summary and the rest continue.
+
+Embedding is batched across documents (``ingest.batch_chunks``) so ingest runs close to the raw
+encode rate of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cluster.errors import NotFoundError
+from retrieval.chunking import Chunker
+from retrieval.config import IngestConfig, RetrievalConfig
+from retrieval.loaders import load_paths
+from retrieval.types import (
+    MAX_CHUNK_TEXT_BYTES,
+    MAX_DOC_ID_BYTES,
+    MAX_METADATA_BYTES,
+    MAX_SOURCE_BYTES,
+    ChunkRecord,
+    ChunkStore,
+    CollectionInfo,
+    Document,
+    EmbedderLike,
+    ItemError,
+    chunk_id,
+)
+
+__all__ = ["IngestSummary", "Ingestor", "content_hash", "validate_document"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestSummary:
+    """What one ingest did. ``failed == len(errors)``; ``chunks`` counts chunks written.
+
+    ``prune_skipped`` is True when ``prune`` was asked for but some failed item had no known
+    document id (e.g. an unparsable ``.jsonl`` line), so nothing was pruned.
+    """
+
+    collection: str
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    failed: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    errors: list[ItemError] = field(default_factory=list)
+    prune_skipped: bool = False
+
+    def fail(self, error: ItemError) -> None:
+        """Record one failed item."""
+        self.errors.append(error)
+        self.failed += 1
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (errors as ``{"item", "reason", "doc_id"}``)."""
+        return asdict(self)
+
+
+@dataclass
+class _Pending:
+    doc: Document
+    hash: str
+    update: bool
+    chunks: list[str]
+
+
+def content_hash(doc: Document, fingerprint: str) -> str:
+    """SHA-256 of everything that determines a document's stored chunks (64 hex characters)."""
+    payload = {"text": doc.text, "source": doc.source, "metadata": doc.metadata, "config": fingerprint}
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def validate_document(doc: Document, max_chars: int) -> str | None:
+    """Why ``doc`` cannot be ingested, or None if it can."""
+    if not isinstance(doc.id, str) or not doc.id:
+        return "document id must be a non-empty string"
+    if len(doc.id.encode("utf-8")) > MAX_DOC_ID_BYTES or any(ord(c) < 32 for c in doc.id):
+        return f"document id must be at most {MAX_DOC_ID_BYTES} bytes of UTF-8 without control characters"
+    if not isinstance(doc.text, str) or not doc.text.strip():
+        return "empty document (no text)"
+    if len(doc.text) > max_chars:
+        return f"document too large: {len(doc.text)} characters (limit {max_chars}, ingest.max_document_chars)"
+    if len(doc.source.encode("utf-8")) > MAX_SOURCE_BYTES:
+        return f"source longer than {MAX_SOURCE_BYTES} bytes"
+    try:
+        size = len(json.dumps(dict(doc.metadata), ensure_ascii=False).encode("utf-8"))
+    except (TypeError, ValueError) as exc:
+        return f"metadata is not JSON-serialisable: {exc}"
+    if size > MAX_METADATA_BYTES:
+        return f"metadata larger than {MAX_METADATA_BYTES} bytes of JSON"
+    return None
+
+
+class Ingestor:
+    """Writes documents into a collection through a ChunkStore and an embedder."""
+
+    def __init__(
+        self, store: ChunkStore, embedder: EmbedderLike, chunker: Chunker, config: IngestConfig | None = None
+    ):
+        self.store, self.embedder, self.chunker = store, embedder, chunker
+        self.config = config or IngestConfig()
+        self._fingerprint = json.dumps(
+            {"chunking": chunker.config.model_dump(), "model": embedder.model_name}, sort_keys=True
+        )
+
+    @classmethod
+    def from_config(cls, config: RetrievalConfig | None = None) -> Ingestor:
+        """Build the production ingestor: sentence-transformers embedder + Milvus store."""
+        from retrieval.embedder import Embedder
+        from retrieval.milvus import MilvusStore
+
+        config = config or RetrievalConfig()
+        embedder = Embedder(config.embedder)
+        store = MilvusStore(config.milvus, rrf_k=config.search.rrf_k, hybrid_candidates=config.search.hybrid_candidates)
+        tokenizer = embedder.tokenizer if config.chunking.unit == "token" else None
+        return cls(store, embedder, Chunker(config.chunking, tokenizer), config.ingest)
+
+    def close(self) -> None:
+        """Close the store (for Milvus Lite this releases the file for other processes)."""
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+    def ingest_paths(
+        self, collection: str, tenant: str, paths: Iterable[str | Path], *, prune: bool = False,
+        public: bool | None = None, progress: bool | None = None,
+    ) -> IngestSummary:
+        """Ingest files and folders (``.md``, ``.txt``, ``.jsonl``); see :meth:`ingest`."""
+        items = load_paths(paths, max_chars=self.config.max_document_chars)
+        return self.ingest(collection, tenant, items, prune=prune, public=public, progress=progress)
+
+    def ingest(
+        self, collection: str, tenant: str, items: Iterable[Document | ItemError], *, prune: bool = False,
+        public: bool | None = None, progress: bool | None = None,
+    ) -> IngestSummary:
+        """Bring ``collection`` up to date with ``items``; re-running with the same input is a no-op.
+
+        Args:
+            collection: Logical collection name; created (owned by ``tenant``) if missing.
+            tenant: The writing tenant; must own the collection.
+            items: Documents, and ItemErrors from loading (reported as failed).
+            prune: Delete stored documents whose ids are not among ``items``.
+            public: Set the collection's public flag (None keeps it; new collections are private).
+            progress: Show a tqdm bar (None → ``ingest.show_progress``).
+
+        Returns:
+            Counts of added/updated/unchanged/deleted/failed documents, chunks written, seconds.
+
+        Raises:
+            NotFoundError / InvalidRequestError: The collection is not writable by ``tenant``.
+        """
+        started = time.perf_counter()
+        summary = IngestSummary(collection)
+        docs, seen = self._validate(items, summary)
+        info = self.store.ensure_collection(
+            collection, tenant, dim=self.embedder.dim, model=self.embedder.model_name, public=public
+        )
+        existing = self.store.document_hashes(info)
+        pending = self._plan(docs, existing, summary)
+        show = self.config.show_progress if progress is None else progress
+        self._write(info, pending, summary, show)
+        if prune:
+            self._prune(info, existing, seen, summary)
+        if summary.chunks or summary.deleted:
+            self.store.flush(info)
+        summary.seconds = time.perf_counter() - started
+        logger.info(
+            "ingest %s (tenant %s): added %d, updated %d, unchanged %d, deleted %d, failed %d, %d chunks in %.2fs",
+            collection, tenant, summary.added, summary.updated, summary.unchanged, summary.deleted,
+            summary.failed, summary.chunks, summary.seconds,
+        )
+        return summary
+
+    def delete_documents(self, collection: str, tenant: str, doc_ids: Sequence[str] | None = None) -> int:
+        """Delete documents (all of them if ``doc_ids`` is None) from ``tenant``'s collection.
+
+        Returns:
+            How many of the documents existed and were deleted.
+        """
+        info = self.store.resolve(collection, tenant, write=True)
+        existing = self.store.document_hashes(info)
+        targets = sorted(existing) if doc_ids is None else sorted(set(doc_ids) & set(existing))
+        if targets:
+            self.store.delete_documents(info, targets)
+            self.store.flush(info)
+        logger.info("deleted %d documents from %s (tenant %s)", len(targets), collection, tenant)
+        return len(targets)
+
+    def delete_document(self, collection: str, tenant: str, doc_id: str) -> None:
+        """Delete one document; NotFoundError if the collection has no such document."""
+        if self.delete_documents(collection, tenant, [doc_id]) == 0:
+            raise NotFoundError(f"document {doc_id!r} not found in collection {collection!r}", param="doc_id")
+
+    # ---- steps ------------------------------------------------------------------------------
+
+    def _validate(self, items: Iterable[Document | ItemError], summary: IngestSummary) -> tuple[list[Document], set[str]]:
+        """Valid documents with unique ids, and every id the input mentions (for prune)."""
+        docs: list[Document] = []
+        seen: set[str] = set()
+        for item in items:
+            if isinstance(item, ItemError):
+                summary.fail(item)
+                seen.update([item.doc_id] if item.doc_id else [])
+                continue
+            seen.add(item.id)
+            reason = validate_document(item, self.config.max_document_chars)
+            if reason:
+                summary.fail(ItemError(item.origin or str(item.id), reason, item.id))
+            else:
+                docs.append(item)
+        counts = Counter(doc.id for doc in docs)
+        for doc in (d for d in docs if counts[d.id] > 1):
+            reason = f"duplicate document id {doc.id!r} ({counts[doc.id]} times in this upload); none of them ingested"
+            summary.fail(ItemError(doc.origin or doc.id, reason, doc.id))
+        return [d for d in docs if counts[d.id] == 1], seen
+
+    def _plan(self, docs: list[Document], existing: dict[str, str], summary: IngestSummary) -> list[_Pending]:
+        """Chunk the new and changed documents; count the unchanged ones."""
+        pending = []
+        for doc in docs:
+            digest = content_hash(doc, self._fingerprint)
+            if existing.get(doc.id) == digest:
+                summary.unchanged += 1
+                continue
+            chunks = self.chunker.split(doc.text)
+            too_big = next((len(c.encode("utf-8")) for c in chunks if len(c.encode("utf-8")) > MAX_CHUNK_TEXT_BYTES), 0)
+            if too_big:
+                reason = f"a chunk is {too_big} bytes of UTF-8 (limit {MAX_CHUNK_TEXT_BYTES}); lower chunking.size"
+                summary.fail(ItemError(doc.origin or doc.id, reason, doc.id))
+                continue
+            pending.append(_Pending(doc, digest, doc.id in existing, chunks))
+        return pending
+
+    def _prune(self, info: CollectionInfo, existing: dict[str, str], seen: set[str], summary: IngestSummary) -> None:
+        # An item that failed before its id was known (a broken .jsonl line) might be any stored
+        # document: pruning now could delete a document the caller still has. Skip, and say so.
+        if any(error.doc_id is None for error in summary.errors):
+            summary.prune_skipped = True
+            logger.warning("ingest %s: prune skipped, some failed items have no document id", info.name)
+            return
+        stale = sorted(set(existing) - seen)
+        self.store.delete_documents(info, stale)
+        summary.deleted = len(stale)
+
+    def _write(self, info: CollectionInfo, pending: list[_Pending], summary: IngestSummary, show: bool) -> None:
+        total = sum(len(p.chunks) for p in pending)
+        with tqdm(total=total, unit="chunk", desc=f"ingest {info.name}", disable=not show or not total) as bar:
+            for group in _groups(pending, self.config.batch_chunks):
+                try:
+                    written = self._write_group(info, group)
+                except Exception as exc:  # one bad batch must not stop the rest
+                    # Type only: a driver's message may quote document text; the caller gets it in errors.
+                    logger.warning("ingest %s: batch of %d documents failed (%s)", info.name, len(group),
+                                   type(exc).__name__)
+                    for p in group:
+                        summary.fail(ItemError(p.doc.origin or p.doc.id, f"embedding/write failed: {exc}", p.doc.id))
+                    written = 0
+                else:
+                    summary.added += sum(not p.update for p in group)
+                    summary.updated += sum(p.update for p in group)
+                summary.chunks += written
+                bar.update(sum(len(p.chunks) for p in group))
+
+    def _write_group(self, info: CollectionInfo, group: list[_Pending]) -> int:
+        texts = [chunk for p in group for chunk in p.chunks]
+        vectors = self.embedder.encode(texts)
+        records, offset = [], 0
+        for p in group:
+            for index, text in enumerate(p.chunks):
+                records.append(ChunkRecord(chunk_id(p.doc.id, index), p.doc.id, index, text, p.doc.source,
+                                           p.doc.metadata, p.hash, vectors[offset + index]))
+            offset += len(p.chunks)
+        self.store.upsert_chunks(info, records)
+        # Only after the new version is written: drop the old version's leftover chunks.
+        stale = {p.doc.id: p.hash for p in group if p.update}
+        if stale:
+            self.store.delete_stale_chunks(info, stale)
+        return len(records)
+
+
+def _groups(pending: list[_Pending], batch_chunks: int) -> Iterable[list[_Pending]]:
+    """Whole documents grouped until a group holds at least ``batch_chunks`` chunks."""
+    group: list[_Pending] = []
+    size = 0
+    for p in pending:
+        group.append(p)
+        size += len(p.chunks)
+        if size >= batch_chunks:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group

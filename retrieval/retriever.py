@@ -1,0 +1,178 @@
+"""The retriever: a plain class the serving layer turns into a deployment.
+
+Holds an embedder and a store (both injectable), embeds concurrent queries in one call
+(``retrieval.batching``: ``serve.batch`` inside a replica), searches with the tenant's scope,
+and exposes document upserts/deletes for the live-update endpoints. Blocking work (model,
+Milvus client) runs in worker threads so the event loop keeps collecting the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cluster.errors import InvalidRequestError
+from retrieval.batching import make_batcher
+from retrieval.chunking import Chunker
+from retrieval.config import RetrievalConfig
+from retrieval.ingest import Ingestor, IngestSummary
+from retrieval.loaders import document_from_dict
+from retrieval.types import Chunk, ChunkStore, Document, EmbedderLike, ItemError, Mode
+
+__all__ = ["Retriever"]
+
+logger = logging.getLogger(__name__)
+
+_MODES = ("dense", "hybrid")
+MAX_QUERY_CHARS = 8192
+
+
+class Retriever:
+    """Retrieval for one process: batched query embedding, tenant-scoped search, document updates."""
+
+    def __init__(
+        self,
+        config: RetrievalConfig | None = None,
+        *,
+        embedder: EmbedderLike | None = None,
+        store: ChunkStore | None = None,
+    ):
+        """Build the retriever; the embedder and store default to the production ones from ``config``.
+
+        Args:
+            config: Retrieval config (defaults: packaged MiniLM, Milvus Lite file under ./data).
+            embedder: Anything with ``model_name``, ``dim`` and ``encode(texts)``.
+            store: Anything implementing ``retrieval.types.ChunkStore``.
+        """
+        self.config = config or RetrievalConfig()
+        if embedder is None:
+            from retrieval.embedder import Embedder
+
+            embedder = Embedder(self.config.embedder)
+        if store is None:
+            from retrieval.milvus import MilvusStore
+
+            search = self.config.search
+            store = MilvusStore(self.config.milvus, rrf_k=search.rrf_k, hybrid_candidates=search.hybrid_candidates)
+        self.embedder, self.store = embedder, store
+        tokenizer = getattr(embedder, "tokenizer", None) if self.config.chunking.unit == "token" else None
+        self.ingestor = Ingestor(store, embedder, Chunker(self.config.chunking, tokenizer), self.config.ingest)
+        self._embed_one = make_batcher(
+            self._embed_batch, self.config.search.batch_max_size, self.config.search.batch_wait_timeout_s
+        )
+
+    def close(self) -> None:
+        """Release the store's connection (and, for Milvus Lite, its file lock)."""
+        self.ingestor.close()
+
+    async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
+        # One model call for every query that arrived within the batch window.
+        return await asyncio.to_thread(self.embedder.encode, texts)
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed texts (for ``/v1/embeddings``), batched with concurrent queries.
+
+        Raises:
+            InvalidRequestError: ``texts`` is not a list of strings.
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise InvalidRequestError("input must be a list of strings", param="input")
+        return list(await asyncio.gather(*(self._embed_one(text) for text in texts)))
+
+    async def retrieve(
+        self,
+        query: str,
+        collection: str,
+        tenant: str,
+        top_k: int | None = None,
+        filter: str | None = None,
+        mode: Mode | None = None,
+    ) -> list[Chunk]:
+        """The ``top_k`` chunks of ``collection`` most relevant to ``query``, best first.
+
+        Args:
+            query: The question (never logged).
+            collection: Logical collection name: the tenant's own, or a public one.
+            tenant: The caller's tenant (from auth).
+            top_k: Number of chunks (default ``search.default_top_k``, at most ``search.max_top_k``).
+            filter: Optional Milvus boolean expression over the chunk fields (e.g.
+                ``metadata["lang"] == "en"``), ANDed with the tenant scope.
+            mode: "dense", or "hybrid" (dense + BM25 fused with RRF); default ``search.default_mode``.
+
+        Raises:
+            NotFoundError: Unknown collection, or another tenant's private one.
+            InvalidRequestError: Bad query, top_k, mode or filter (with Milvus's reason).
+        """
+        top_k, mode = self._check_request(query, top_k, mode)
+        info = await asyncio.to_thread(self.store.resolve, collection, tenant)
+        vector = await self._embed_one(query)
+        chunks = await asyncio.to_thread(
+            self.store.search, info, vector=vector, query=query, top_k=top_k, filter=filter, mode=mode
+        )
+        logger.debug("retrieve %s (tenant %s, %s, top_k %d): %d chunks", collection, tenant, mode, top_k, len(chunks))
+        return chunks
+
+    def _check_request(self, query: str, top_k: int | None, mode: str | None) -> tuple[int, Mode]:
+        search = self.config.search
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidRequestError("query must be a non-empty string", param="query")
+        if len(query) > MAX_QUERY_CHARS:
+            raise InvalidRequestError(f"query longer than {MAX_QUERY_CHARS} characters", param="query")
+        top_k = search.default_top_k if top_k is None else top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= search.max_top_k:
+            raise InvalidRequestError(f"top_k must be an integer in [1, {search.max_top_k}], got {top_k!r}",
+                                      param="top_k")
+        mode = search.default_mode if mode is None else mode
+        if mode not in _MODES:
+            raise InvalidRequestError(f"mode must be one of {list(_MODES)}, got {mode!r}", param="mode")
+        return top_k, mode
+
+    async def upsert_documents(
+        self,
+        collection: str,
+        tenant: str,
+        documents: Sequence[Document | Mapping[str, Any]],
+        *,
+        prune: bool = False,
+        public: bool | None = None,
+    ) -> IngestSummary:
+        """Add or replace documents (``PUT /v1/collections/{c}/documents[/{doc_id}]``).
+
+        Args:
+            collection: Logical collection; created as the tenant's private collection if missing.
+            tenant: The caller's tenant; must own the collection.
+            documents: Documents, or JSON objects with ``id``, ``text``, optional ``source``/``metadata``.
+            prune: Also delete stored documents that are not in ``documents``.
+            public: Set the collection's public flag (None keeps it).
+
+        Returns:
+            The ingest summary; bad items are in ``errors`` and do not stop the others.
+        """
+        items = [self._as_item(doc, index) for index, doc in enumerate(documents)]
+        return await asyncio.to_thread(
+            self.ingestor.ingest, collection, tenant, items, prune=prune, public=public, progress=False
+        )
+
+    @staticmethod
+    def _as_item(doc: Document | Mapping[str, Any], index: int) -> Document | ItemError:
+        if isinstance(doc, Document):
+            return doc
+        try:
+            return document_from_dict(doc, f"documents[{index}]")
+        except ValueError as exc:
+            doc_id = doc.get("id") if isinstance(doc, Mapping) and isinstance(doc.get("id"), str) else None
+            return ItemError(f"documents[{index}]", str(exc), doc_id)
+
+    async def delete_document(self, collection: str, tenant: str, doc_id: str) -> None:
+        """Delete one document (``DELETE /v1/collections/{c}/documents/{doc_id}``).
+
+        Raises:
+            NotFoundError: No such collection for the tenant, or no such document in it.
+        """
+        await asyncio.to_thread(self.ingestor.delete_document, collection, tenant, doc_id)
+
+    async def delete_documents(self, collection: str, tenant: str, doc_ids: Sequence[str] | None = None) -> int:
+        """Delete the given documents, or all (``DELETE /v1/collections/{c}/documents``); returns the count."""
+        return await asyncio.to_thread(self.ingestor.delete_documents, collection, tenant, doc_ids)
