@@ -54,9 +54,37 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _ingest_sample(cfg) -> None:
+    from retrieval.sample_kb import ingest_sample_kb_from_config
+
+    summary = ingest_sample_kb_from_config(cfg.retrieval)
+    print(f"sample knowledge base: {summary.to_dict()}", flush=True)
+
+
 def cmd_up(args) -> int:
-    """Local stack on embedded defaults: Ray, base model, adapters, serving."""
-    return cmd_serve(args)
+    """Local stack on embedded defaults: Ray, Milvus, base model, sample knowledge, serving."""
+    from cluster.local import run_serving
+
+    cfg = _cfg(args)
+    before = _ingest_sample if cfg.serve.rag_enabled else None
+    run_serving(cfg, on_ready=lambda url: _banner(cfg, url), before_serving=before)
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    """Ingest files/folders into a collection (incremental; --prune deletes removed documents)."""
+    from cluster.local import knowledge_store
+    from retrieval.ingest import Ingestor
+
+    with knowledge_store(_cfg(args)) as cfg:
+        ingestor = Ingestor.from_config(cfg.retrieval)
+        try:
+            summary = ingestor.ingest_paths(args.collection, args.tenant, args.paths, prune=args.prune,
+                                            public=args.public or None)
+        finally:
+            ingestor.close()
+    print(json.dumps(summary.to_dict(), indent=2))
+    return 1 if summary.to_dict().get("failed") else 0
 
 
 def cmd_keys(args) -> int:
@@ -107,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the configured app (local Ray or ray.address)")
     _config_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ingest", help="ingest documents (.md .txt .jsonl .pdf) into a knowledge collection")
+    _config_args(p)
+    p.add_argument("paths", nargs="+", help="files or folders")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--tenant", default="local", help="owner tenant of the collection (default: local)")
+    p.add_argument("--prune", action="store_true", help="delete stored documents missing from PATHS")
+    p.add_argument("--public", action="store_true", help="make the collection readable by every tenant")
+    p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("bootstrap", help="build packaged base models into data_dir/models")
     _config_args(p)

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 
 from cluster.errors import ConfigError
 from cluster.schema import StrictModel
+from retrieval.config import RetrievalConfig
 from serve.config import ServeConfig
 
 __all__ = ["RagtuneConfig", "RayConfig", "apply_overrides", "format_validation_error", "load_config"]
@@ -29,12 +30,21 @@ class RayConfig(StrictModel):
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Dashboard/Jobs API port for a local Ray.")
 
 
+class MilvusLiteServerConfig(StrictModel):
+    """Local knowledge store shared by several processes (retriever replicas, ``ragtune ingest``)."""
+
+    enabled: bool = Field(True, description="When retrieval.milvus.uri is a Lite file path, `ragtune up` runs milvus-lite's server mode instead and every client connects by URI.")
+    port: int = Field(19530, ge=1, le=65535, description="Loopback port of the milvus-lite server.")
+
+
 class RagtuneConfig(StrictModel):
     """Everything ``ragtune up`` runs. Training jobs have their own config (``train/config.py``)."""
 
     data_dir: str = Field("./data", description="Models, adapter store and Milvus Lite files (local setup).")
     ray: RayConfig = Field(default_factory=RayConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    milvus_lite: MilvusLiteServerConfig = Field(default_factory=MilvusLiteServerConfig)
 
     @property
     def models_dir(self) -> Path:
@@ -48,7 +58,20 @@ class RagtuneConfig(StrictModel):
         store = cfg.serve.adapters.store_uri
         if "://" not in store:
             cfg.serve.adapters.store_uri = str((base / store).resolve())
+        if self.uses_milvus_lite_file:
+            cfg.retrieval.milvus.uri = str((base / cfg.retrieval.milvus.uri).resolve())
         return cfg
+
+    @property
+    def uses_milvus_lite_file(self) -> bool:
+        """True when the knowledge store is a local Milvus Lite file (not a server URI)."""
+        return "://" not in self.retrieval.milvus.uri
+
+    @property
+    def milvus_lite_data_dir(self) -> Path:
+        """Where the milvus-lite server keeps its data: next to the configured ``.db`` file."""
+        lite = Path(self.retrieval.milvus.uri)
+        return lite.with_name(f"{lite.stem}-server")
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:

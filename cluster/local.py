@@ -7,13 +7,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
 
 from cluster.config import RagtuneConfig, RayConfig
 
-__all__ = ["connect_ray", "run_serving", "wait_ready"]
+__all__ = ["connect_ray", "knowledge_store", "run_serving", "wait_ready"]
 
 logger = logging.getLogger(__name__)
 APP_NAME = "ragtune"
@@ -51,17 +52,49 @@ def wait_ready(url: str, timeout_s: float = 600, headers: dict | None = None) ->
     raise TimeoutError(f"{url} did not become ready within {timeout_s:.0f}s")
 
 
+@contextmanager
+def knowledge_store(cfg: RagtuneConfig) -> Iterator[RagtuneConfig]:
+    """Yield ``cfg`` pointing at a store several processes can share.
+
+    A Lite file with ``milvus_lite.enabled`` becomes a milvus-lite server on loopback (started
+    here unless one already listens on the port, and stopped on exit only if started here).
+    """
+    from cluster.milvus_server import MilvusLiteServer
+
+    cfg = cfg.resolved()
+    if not (cfg.uses_milvus_lite_file and cfg.milvus_lite.enabled):
+        yield cfg
+        return
+    server = MilvusLiteServer(cfg.milvus_lite_data_dir, port=cfg.milvus_lite.port)
+    with server:
+        shared = cfg.model_copy(deep=True)
+        shared.retrieval.milvus.uri = server.uri
+        yield shared
+
+
 def run_serving(cfg: RagtuneConfig, on_ready: Callable[[str], None] | None = None,
-                stop: threading.Event | None = None) -> None:
-    """Deploy the app, call ``on_ready(base_url)``, block until SIGINT/SIGTERM or ``stop``."""
+                stop: threading.Event | None = None,
+                before_serving: Callable[[RagtuneConfig], None] | None = None) -> None:
+    """Deploy the app, call ``on_ready(base_url)``, block until SIGINT/SIGTERM or ``stop``.
+
+    ``before_serving(cfg)`` runs once the knowledge store is up (``ragtune up`` ingests the
+    sample knowledge base there).
+    """
+    stop = stop or threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with knowledge_store(cfg) as shared:
+        if before_serving:
+            before_serving(shared)
+        _serve(shared, on_ready, stop)
+
+
+def _serve(cfg: RagtuneConfig, on_ready: Callable[[str], None] | None, stop: threading.Event) -> None:
     import ray
     from ray import serve
 
     from serve.app import build_app
 
-    stop = stop or threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     connect_ray(cfg.ray)
     try:
         http = cfg.serve.http

@@ -13,6 +13,7 @@ from ray.serve import Application
 
 from cluster.config import RagtuneConfig
 from cluster.models import resolve_model
+from retrieval.retriever import Retriever
 from serve.ingress import Ingress
 from serve.llm import LLMServer, engine_env
 
@@ -42,7 +43,7 @@ class IngressDeployment(Ingress):
 
 
 def build_app(args: dict[str, Any] | RagtuneConfig | None = None) -> Application:
-    """The application: Ingress (OpenAI API) → LLM deployment (vLLM engine + LoRA).
+    """The application: Ingress (OpenAI API) → LLM deployment (vLLM + LoRA) and Retriever.
 
     Args:
         args: a ``RagtuneConfig`` or ``{"config": <config dict>}`` as Serve's ``args`` passes it.
@@ -58,5 +59,8 @@ def build_app(args: dict[str, Any] | RagtuneConfig | None = None) -> Application
     llm_opts = sc.llm.serve_options()
     llm_opts["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(sc.engine)}
     llm = serve.deployment(_llm_deployment_class(sc.engine.max_cpu_loras), name="LLMServer", **llm_opts)
+    retriever = None
+    if sc.rag_enabled:
+        retriever = serve.deployment(Retriever, name="Retriever", **sc.retriever.serve_options()).bind(cfg.retrieval)
     ingress = serve.deployment(serve.ingress()(IngressDeployment), name="Ingress", **sc.ingress.serve_options())
-    return ingress.bind(sc, model_path, llm.bind(sc.engine, model_path, sc.adapters.store_uri))
+    return ingress.bind(sc, model_path, llm.bind(sc.engine, model_path, sc.adapters.store_uri), retriever)

@@ -169,6 +169,11 @@ class ServeConfig(StrictModel):
         default_factory=lambda: DeploymentConfig(max_ongoing_requests=512, max_queued_requests=1024),
         description="Ingress (OpenAI API) deployment options.",
     )
+    retriever: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(max_ongoing_requests=128, max_queued_requests=512),
+        description="Retriever deployment (embedder + Milvus search) options; scales apart from the LLM.",
+    )
+    rag_enabled: bool = Field(True, description="Deploy the retriever: RAG, /v1/retrieve, /v1/embeddings, documents API.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     adapters: AdapterStoreConfig = Field(default_factory=AdapterStoreConfig)

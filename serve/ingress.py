@@ -26,6 +26,7 @@ from serve.errors import create_error_response, to_ragtune_error
 from serve.llm import GenerationRequest
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest, created, new_id
+from serve.rag import RetrieverClient, add_retrieval_routes, rag_query, retrieve_context
 from serve.registry import AdapterRegistry, open_registry
 
 __all__ = ["HandleClient", "Ingress", "LLMClient", "LocalClient"]
@@ -125,7 +126,7 @@ class Ingress:
             max_lora_rank=cfg.engine.max_lora_rank,
         )
         self.llm: LLMClient = HandleClient(llm) if _is_handle(llm) else llm
-        self.retriever = retriever
+        self.retriever = RetrieverClient(retriever) if retriever is not None else None
         self._inflight = 0
 
     # ---- app -----------------------------------------------------------------------------
@@ -137,6 +138,8 @@ class Ingress:
         for kind in (RagtuneError, RequestValidationError, HTTPException, json.JSONDecodeError, Exception):
             app.add_exception_handler(kind, _handle)
         self._routes(app)
+        if self.retriever is not None:
+            add_retrieval_routes(app, self.retriever, self._tenant)
         app.add_middleware(_BodyLimit, limit=self.cfg.limits.max_body_bytes)
         return app
 
@@ -191,6 +194,10 @@ class Ingress:
     def _principal(self, request: Request) -> Principal:
         return self.auth.authenticate(request.headers.get("authorization"))
 
+    def _tenant(self, request: Request) -> str:
+        """The tenant that owns collections written by this caller ("local" in open mode)."""
+        return self._principal(request).tenant or "local"
+
     def _admin(self, request: Request) -> Principal:
         principal = self._principal(request)
         if not principal.admin:
@@ -233,8 +240,9 @@ class Ingress:
         if self._inflight >= self.cfg.limits.max_concurrent_requests:
             raise OverloadedError("Too many requests in flight; retry later.", retry_after=self.cfg.limits.retry_after_s)
         req = self._request(kind, body, principal)
+        sources = await self._retrieve(body, req, principal)
         label = body.model.partition("@")[0]
-        run = _Run(self, kind, body, req, label)
+        run = _Run(self, kind, body, req, label, sources)
         self._inflight += 1
         self.metrics.inflight.inc()
         try:
@@ -246,6 +254,15 @@ class Ingress:
             return StreamingResponse(run.sse(), media_type="text/event-stream")
         return JSONResponse(await run.collect())
 
+    async def _retrieve(self, body, req: GenerationRequest, principal: Principal) -> list[dict] | None:
+        """RAG: fetch chunks for the request and hand their text to the LLM (it fits them)."""
+        if body.rag is None:
+            return None
+        query = rag_query(req.messages, req.prompt)
+        sources = await retrieve_context(self.retriever, body.rag, query, principal.tenant or "local")
+        req.context_chunks = [s["text"] for s in sources]
+        return sources
+
     def _done(self) -> None:
         self._inflight -= 1
         self.metrics.inflight.dec()
@@ -254,8 +271,11 @@ class Ingress:
 class _Run:
     """One generation request from the first engine item to the last byte sent."""
 
-    def __init__(self, ingress: Ingress, kind: str, body, req: GenerationRequest, label: str):
+    def __init__(self, ingress: Ingress, kind: str, body, req: GenerationRequest, label: str,
+                 sources: list[dict] | None = None):
         self.ingress, self.kind, self.body, self.req, self.label = ingress, kind, body, req, label
+        self.sources = sources
+        self.rag: dict | None = None
         self.t0 = time.perf_counter()
         self.last: float | None = None
         self.prompt_tokens = 0
@@ -268,6 +288,11 @@ class _Run:
         if "error" in first:
             raise first["error"]
         self.prompt_tokens = first["prompt_tokens"]
+        if self.sources is not None:
+            used = first["context_chunks_used"]
+            self.rag = {"chunks_retrieved": len(self.sources), "chunks_used": used,
+                        "chunks_dropped": len(self.sources) - used}
+            self.sources = self.sources[:used]  # only what the model actually saw
         logger.info("request %s model=%s prompt_tokens=%d", self.req.request_id, self.label, self.prompt_tokens)
 
     def _observe(self, choices: list[dict]) -> None:
@@ -311,8 +336,12 @@ class _Run:
         self.finish(200)
         choices = [self._choice(i, "".join(texts[i]), reasons.get(i)) for i in sorted(texts)]
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {"id": self.req.request_id, "object": obj, "created": created(), "model": self.body.model,
-                "choices": choices, "usage": self.usage()}
+        out = {"id": self.req.request_id, "object": obj, "created": created(), "model": self.body.model,
+               "choices": choices, "usage": self.usage()}
+        return out | self._rag_fields()
+
+    def _rag_fields(self) -> dict:
+        return {"sources": self.sources, "rag": self.rag} if self.sources is not None else {}
 
     def _choice(self, index: int, text: str, reason: str | None) -> dict:
         if self.kind == "chat":
@@ -320,10 +349,10 @@ class _Run:
                     "finish_reason": reason}
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
 
-    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+    def _chunk(self, choices: list[dict], usage: dict | None = None, extra: dict | None = None) -> str:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         payload = {"id": self.req.request_id, "object": obj, "created": created(), "model": self.body.model,
-                   "choices": choices}
+                   "choices": choices, **(extra or {})}
         if self.body.include_usage:
             payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
@@ -341,9 +370,10 @@ class _Run:
             async for item in self.stream:
                 self._observe(item["choices"])
                 deltas = [self._delta(c, c["index"] not in started) for c in item["choices"]]
+                extra = self._rag_fields() if not started else {}  # sources ride on the first chunk
                 started.update(c["index"] for c in item["choices"])
                 if deltas:
-                    yield self._chunk(deltas)
+                    yield self._chunk(deltas, extra=extra)
             if self.body.include_usage:
                 yield self._chunk([], self.usage())
         except Exception as exc:  # mid-stream: the status line is gone, so report in-band

@@ -117,13 +117,30 @@ class LLMServer:
         return lora
 
     # ---- generation ----------------------------------------------------------------------
-    def render(self, req: GenerationRequest) -> list[int]:
+    def render(self, req: GenerationRequest, chunks: list[str] | None = None) -> list[int]:
         """Token ids of the prompt (chat template for messages, plain text for completions)."""
+        chunks = req.context_chunks if chunks is None else chunks
         if req.messages is not None:
-            messages = _with_context(req.messages, req.context_chunks)
+            messages = _with_context(req.messages, chunks)
             text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return self._tokenizer.encode(text, add_special_tokens=False)
-        return self._tokenizer.encode(req.prompt)
+        prefix = f"{_context_block(chunks)}\n\n" if chunks else ""
+        return self._tokenizer.encode(prefix + req.prompt)
+
+    def fit_context(self, req: GenerationRequest) -> tuple[list[int], int]:
+        """Render with as many retrieved chunks as fit, best first; return ``(ids, chunks used)``.
+
+        The output budget kept free is ``max_tokens`` if the request gave one, else the default
+        (at most half the window), so context never starves the answer.
+        """
+        limit = self.cfg.max_model_len
+        reserve = req.sampling.get("max_tokens") or min(req.default_max_tokens, limit // 2)
+        used = len(req.context_chunks)
+        ids = self.render(req)
+        while used and len(ids) + reserve > limit:
+            used -= 1
+            ids = self.render(req, req.context_chunks[:used])
+        return ids, used
 
     def _max_tokens(self, prompt_len: int, req: GenerationRequest) -> int:
         limit = self.cfg.max_model_len
@@ -155,14 +172,14 @@ class LLMServer:
         from vllm.inputs import TokensPrompt
 
         try:
-            token_ids = self.render(req)
+            token_ids, used = self.fit_context(req)
             params = self._params(req, self._max_tokens(len(token_ids), req))
             lora = await self.get_adapter(req.adapter) if req.adapter else None
         except RagtuneError as exc:
             # Yielded, not raised: a client error is an answer, not a replica failure to log.
             yield {"error": exc}
             return
-        yield {"prompt_tokens": len(token_ids)}
+        yield {"prompt_tokens": len(token_ids), "context_chunks_used": used}
         stream = self._engine.generate(TokensPrompt(prompt_token_ids=token_ids), params, req.request_id,
                                        lora_request=lora)
         async for out in stream:
@@ -187,10 +204,19 @@ _CONTEXT_HEADER = (
 )
 
 
+def _context_block(chunks: list[str]) -> str:
+    """Retrieved chunks as numbered, delimited, explicitly untrusted reference material."""
+    body = "\n\n".join(f"<document index=\"{i}\">\n{_defang(text)}\n</document>" for i, text in enumerate(chunks, 1))
+    return f"{_CONTEXT_HEADER}\n\n<documents>\n{body}\n</documents>"
+
+
+def _defang(text: str) -> str:
+    """A document cannot close its own delimiter and smuggle text outside the block."""
+    return text.replace("</document>", "</ document>").replace("</documents>", "</ documents>")
+
+
 def _with_context(messages: list[dict[str, str]], chunks: list[str]) -> list[dict[str, str]]:
-    """Put retrieved chunks into a system message, delimited, before the conversation."""
+    """Put retrieved chunks into a system message before the conversation."""
     if not chunks:
         return messages
-    body = "\n\n".join(f"<document index=\"{i}\">\n{text}\n</document>" for i, text in enumerate(chunks, 1))
-    system = {"role": "system", "content": f"{_CONTEXT_HEADER}\n\n<documents>\n{body}\n</documents>"}
-    return [system, *messages]
+    return [{"role": "system", "content": _context_block(chunks)}, *messages]

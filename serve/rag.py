@@ -1,0 +1,125 @@
+"""Retrieval over HTTP: ``/v1/retrieve``, ``/v1/embeddings``, the documents API, and the RAG step.
+
+The retriever is a Ray Serve deployment in production (a ``DeploymentHandle``) and the
+``retrieval.Retriever`` object itself in tests; :class:`RetrieverClient` hides the difference.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.protocol import RagOptions
+
+__all__ = ["RetrieverClient", "add_retrieval_routes", "rag_query"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetrieveRequest(_Body):
+    collection: str = Field(min_length=1, max_length=255)
+    query: str = Field(min_length=1)
+    top_k: int | None = Field(None, ge=1)
+    filter: str | None = Field(None, max_length=4096)
+    mode: Literal["dense", "hybrid"] | None = None
+
+
+class EmbeddingRequest(_Body):
+    input: str | list[str] = Field(min_length=1)
+    model: str | None = None
+    encoding_format: Literal["float"] = "float"
+    user: str | None = None
+
+
+class DocumentsPut(_Body):
+    documents: list[dict[str, Any]] = Field(min_length=1, description="Validated per item: a bad one is reported, the rest land.")
+    prune: bool = False
+    public: bool | None = None
+
+
+class DocumentPut(_Body):
+    text: str
+    source: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class DocumentsDelete(_Body):
+    ids: list[str] | None = Field(None, description="Documents to delete; omitted = every document.")
+
+
+class RetrieverClient:
+    """Awaitable calls on a retriever deployment handle or a local ``Retriever``."""
+
+    def __init__(self, target: Any):
+        from ray.serve.handle import DeploymentHandle
+
+        self._target, self._remote = target, isinstance(target, DeploymentHandle)
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        fn = getattr(self._target, method)
+        return await (fn.remote(*args, **kwargs) if self._remote else fn(*args, **kwargs))
+
+
+def rag_query(messages: list[dict[str, str]] | None, prompt: str | None) -> str:
+    """What to search for: the last user message of a chat, or the completion prompt."""
+    if messages is None:
+        return prompt or ""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else messages[-1]["content"]
+
+
+async def retrieve_context(client: RetrieverClient, rag: RagOptions, query: str, tenant: str) -> list[dict]:
+    """Chunks for the prompt, best first, as ``sources`` dicts (id, document, source, score, text)."""
+    chunks = await client.call("retrieve", query, rag.collection, tenant, rag.top_k, rag.filter, rag.mode)
+    return [c.to_dict() for c in chunks]
+
+
+def add_retrieval_routes(app: FastAPI, client: RetrieverClient, tenant_of) -> None:
+    """Register the retrieval endpoints; ``tenant_of(request)`` authenticates and names the tenant."""
+
+    @app.post("/v1/retrieve")
+    async def retrieve(body: RetrieveRequest, request: Request) -> dict:
+        chunks = await client.call("retrieve", body.query, body.collection, tenant_of(request), body.top_k,
+                                   body.filter, body.mode)
+        return {"object": "list", "collection": body.collection, "data": [c.to_dict() for c in chunks]}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
+        tenant_of(request)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        vectors = await client.call("embed", texts)
+        # Approximate: whitespace-separated words (the embedder's tokenizer stays in its replica).
+        tokens = sum(len(t.split()) for t in texts)
+        return {"object": "list", "model": body.model or "embedder",
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.put("/v1/collections/{collection}/documents")
+    async def put_documents(collection: str, body: DocumentsPut, request: Request) -> dict:
+        summary = await client.call("upsert_documents", collection, tenant_of(request), body.documents,
+                                    prune=body.prune, public=body.public)
+        logger.info("collection %s: upserted %d documents", collection, len(body.documents))
+        return summary.to_dict()
+
+    @app.put("/v1/collections/{collection}/documents/{doc_id}")
+    async def put_document(collection: str, doc_id: str, body: DocumentPut, request: Request) -> dict:
+        doc = {"id": doc_id, **body.model_dump()}
+        summary = await client.call("upsert_documents", collection, tenant_of(request), [doc])
+        return summary.to_dict()
+
+    @app.delete("/v1/collections/{collection}/documents/{doc_id}")
+    async def delete_document(collection: str, doc_id: str, request: Request) -> dict:
+        await client.call("delete_document", collection, tenant_of(request), doc_id)
+        return {"deleted": 1}
+
+    @app.delete("/v1/collections/{collection}/documents")
+    async def delete_documents(collection: str, request: Request, body: DocumentsDelete | None = None) -> dict:
+        ids = body.ids if body else None
+        return {"deleted": await client.call("delete_documents", collection, tenant_of(request), ids)}
