@@ -6,9 +6,11 @@ The retriever is a Ray Serve deployment in production (a ``DeploymentHandle``) a
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,7 +36,7 @@ class RetrieveRequest(_Body):
 class EmbeddingRequest(_Body):
     input: str | list[str] = Field(min_length=1)
     model: str | None = None
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"  # the openai SDK asks for base64 by default
     user: str | None = None
 
 
@@ -81,6 +83,13 @@ async def retrieve_context(client: RetrieverClient, rag: RagOptions, query: str,
     return [c.to_dict() for c in chunks]
 
 
+def _encode(vector: list[float], fmt: str) -> list[float] | str:
+    """``base64`` is little-endian float32 bytes, as the OpenAI API defines it."""
+    if fmt == "float":
+        return vector
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
 def add_retrieval_routes(app: FastAPI, client: RetrieverClient, tenant_of) -> None:
     """Register the retrieval endpoints; ``tenant_of(request)`` authenticates and names the tenant."""
 
@@ -98,7 +107,8 @@ def add_retrieval_routes(app: FastAPI, client: RetrieverClient, tenant_of) -> No
         # Approximate: whitespace-separated words (the embedder's tokenizer stays in its replica).
         tokens = sum(len(t.split()) for t in texts)
         return {"object": "list", "model": body.model or "embedder",
-                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "data": [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+                         for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.put("/v1/collections/{collection}/documents")

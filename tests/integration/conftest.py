@@ -30,6 +30,9 @@ def server(tmp_path_factory, store):
     config = {
         "data_dir": str(MODELS.parent),
         "ray": {"dashboard_port": free_port(), "num_cpus": 2},
+        # A Lite file → `ragtune serve` runs milvus-lite's server mode on this loopback port.
+        "retrieval": {"milvus": {"uri": str(tmp_path_factory.mktemp("milvus") / "kb.db")}},
+        "milvus_lite": {"port": free_port()},
         "serve": {
             "http": {"host": "127.0.0.1", "port": free_port()},
             "engine": {"model": "tiny-llama", "max_model_len": 512, "max_loras": 2, "max_lora_rank": 16},
