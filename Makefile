@@ -45,7 +45,7 @@ test: setup lint
 	$(VENV)/bin/pytest -m "not gpu" --durations=15; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench: setup
-	$(VENV)/bin/ragtune bench --quick
+	$(VENV)/bin/ragtune bench --mode quick --progress
 
 clean-venv:
 	rm -rf $(VENV)

@@ -123,7 +123,46 @@ def cmd_adapters(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _BenchLifecycle:
+    """Servers that `ragtune bench` starts on demand, stopped when the command ends."""
+
+    def __init__(self) -> None:
+        self.servers = None
+
+    def _get(self):
+        from cluster.bench import BenchServers
+
+        self.servers = self.servers or BenchServers()
+        return self.servers
+
+    def start_ours(self, config_path):
+        return self._get().start_ours(config_path)
+
+    def start_raw_vllm(self, model_dir):
+        return self._get().start_raw_vllm(model_dir)
+
+    def close(self) -> None:
+        if self.servers is not None:
+            self.servers.close()
+
+
+def _add_loadtests(sub, lifecycle: _BenchLifecycle) -> None:
+    from cluster.bench import EXTRA_SECTIONS, prepare_bench_args
+    from loadtests.cli import add_cli
+
+    add_cli(sub, start_ours=lifecycle.start_ours, start_raw_vllm=lifecycle.start_raw_vllm,
+            extra_sections=EXTRA_SECTIONS)
+    bench = sub.choices["bench"]
+    run = bench.get_default("func")
+
+    def run_bench(args):
+        prepare_bench_args(args, lifecycle)
+        return run(args)
+
+    bench.set_defaults(func=run_bench)
+
+
+def build_parser(lifecycle: _BenchLifecycle | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragtune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,11 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--promote", action="store_true", help="register: promote the new version")
     p.add_argument("--version", type=int, help="promote: the version")
     p.set_defaults(func=cmd_adapters)
+
+    _add_loadtests(sub, lifecycle or _BenchLifecycle())
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    lifecycle = _BenchLifecycle()
+    args = build_parser(lifecycle).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -180,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"ragtune: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        lifecycle.close()
 
 
 if __name__ == "__main__":

