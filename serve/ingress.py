@@ -238,11 +238,15 @@ class Ingress:
 
     async def _generate(self, kind: str, body, principal: Principal) -> Response:
         if self._inflight >= self.cfg.limits.max_concurrent_requests:
+            self._count_failure(kind, 429)
             raise OverloadedError("Too many requests in flight; retry later.", retry_after=self.cfg.limits.retry_after_s)
-        req = self._request(kind, body, principal)
-        sources = await self._retrieve(body, req, principal)
-        label = body.model.partition("@")[0]
-        run = _Run(self, kind, body, req, label, sources)
+        try:
+            req = self._request(kind, body, principal)
+            sources = await self._retrieve(body, req, principal)
+        except BaseException as exc:
+            self._count_failure(kind, to_ragtune_error(exc).status)
+            raise
+        run = _Run(self, kind, body, req, body.model.partition("@")[0], sources)
         self._inflight += 1
         self.metrics.inflight.inc()
         try:
@@ -262,6 +266,11 @@ class Ingress:
         sources = await retrieve_context(self.retriever, body.rag, query, principal.tenant or "local")
         req.context_chunks = [s["text"] for s in sources]
         return sources
+
+    def _count_failure(self, endpoint: str, status: int) -> None:
+        # Unresolved model names are client input: never a label (unbounded cardinality).
+        self.metrics.requests.labels(endpoint, "(unresolved)", str(status)).inc()
+        self.metrics.errors.labels(endpoint, str(status)).inc()
 
     def _done(self) -> None:
         self._inflight -= 1

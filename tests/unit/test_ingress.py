@@ -187,3 +187,5 @@ def test_metrics_count_requests_and_tokens(client):
     assert 'ragtune_completion_tokens_total{model="alpha"} 3.0' in text
     assert 'ragtune_time_to_first_token_seconds_count{model="alpha"} 1.0' in text
     assert 'ragtune_inflight_requests 0.0' in text
+    assert 'ragtune_requests_total{endpoint="chat",model="(unresolved)",status="404"} 1.0' in text
+    assert "nope" not in text  # client-chosen names never become label values
