@@ -64,14 +64,9 @@ class MilvusLiteServer:
 
     def stop(self) -> None:
         """Stop the server if this object started it (SIGTERM, then SIGKILL after 10 s)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        from cluster.processes import stop_process
+
+        stop_process(self.proc, signal.SIGTERM, timeout_s=10)
 
     def __enter__(self) -> MilvusLiteServer:
         self.start()

@@ -17,9 +17,21 @@ from pathlib import Path
 import httpx
 import yaml
 
-__all__ = ["RagtuneServer", "RawVLLMServer"]
+__all__ = ["RagtuneServer", "RawVLLMServer", "stop_process"]
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGINT, timeout_s: float = 60) -> None:
+    """Stop a process we started: ``sig`` (graceful), then SIGKILL its process group after ``timeout_s``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 class RagtuneServer:
@@ -60,13 +72,7 @@ class RagtuneServer:
         return httpx.get(self.url + path, timeout=60, **kw)
 
     def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # graceful: serve.shutdown() + ray.shutdown()
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGINT, timeout_s=90)  # graceful: serve.shutdown() + ray.shutdown()
         self._log.close()
 
 
@@ -103,11 +109,5 @@ class RawVLLMServer:
         raise TimeoutError(f"raw vLLM not ready after {self.timeout_s}s; see {self.log_path}")
 
     def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGINT, timeout_s=60)
         self._log.close()
