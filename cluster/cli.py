@@ -206,6 +206,9 @@ def build_parser(lifecycle: _BenchLifecycle | None = None) -> argparse.ArgumentP
     p.set_defaults(func=cmd_adapters)
 
     _add_loadtests(sub, lifecycle or _BenchLifecycle())
+    from cluster.k8s_render import add_cli as add_render_cli
+
+    add_render_cli(sub)
     return parser
 
 

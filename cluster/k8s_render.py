@@ -40,9 +40,11 @@ __all__ = [
     "Overlay",
     "add_cli",
     "check_all",
+    "check_renderable",
     "load_layered",
     "main",
     "render_all",
+    "render_overlay",
     "render_serve_config",
     "render_train_config",
 ]
@@ -51,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 K8S_DIR = REPO / "k8s"
 APP_NAME = "ragtune"          # Serve application name (as in cluster/local.py)
 RAYSERVICE_NAME = "ragtune"   # metadata.name of the RayService in k8s/base/serving
-IMPORT_PATH = "cluster.k8s_app:build_app"
+IMPORT_PATH = "serve.app:build_app"
 APP_DIR = "/home/ray/ragtune"  # WORKDIR of k8s/images/*.Dockerfile: the source tree, relative job paths
 SHARED_MOUNT = "/mnt/ragtune"  # the ReadWriteMany PVC on every Ray pod: adapters, checkpoints, caches
 # Secret key files mounted on every Ray pod (k8s/base/serving/rayservice.yaml).
@@ -71,10 +73,19 @@ class Overlay:
     train_config: str
 
     @property
-    def files(self) -> dict[str, str]:
-        """Generated file (relative to ``k8s/``) → what it is."""
-        return {f"overlays/{self.name}/generated/serve-config.yaml": "serve",
-                f"overlays/{self.name}/train/generated/train.yaml": "train"}
+    def serve_file(self) -> str:
+        """The generated RayService patch (serveConfigV2), relative to ``k8s/``."""
+        return f"overlays/{self.name}/generated/serve-config.yaml"
+
+    @property
+    def train_file(self) -> str:
+        """The generated train config of the RayJob, relative to ``k8s/``."""
+        return f"overlays/{self.name}/train/generated/train.yaml"
+
+    @property
+    def files(self) -> tuple[str, str]:
+        """Every generated file of this overlay, relative to ``k8s/``."""
+        return self.serve_file, self.train_file
 
 
 OVERLAYS: tuple[Overlay, ...] = (
@@ -236,8 +247,7 @@ def _train_file(overlay: Overlay, cfg: RagtuneConfig) -> str:
 def render_overlay(overlay: Overlay, base: Path = REPO) -> dict[str, str]:
     """Generated files of one overlay: path relative to ``k8s/`` → content."""
     cfg = load_layered(overlay.serve_configs, base)
-    serve_path, train_path = overlay.files
-    return {serve_path: _serve_file(overlay, cfg), train_path: _train_file(overlay, cfg)}
+    return {overlay.serve_file: _serve_file(overlay, cfg), overlay.train_file: _train_file(overlay, cfg)}
 
 
 def render_all(overlays: Sequence[Overlay] = OVERLAYS, k8s_dir: Path = K8S_DIR, *, write: bool = True,
@@ -268,10 +278,10 @@ def check_all(k8s_dir: Path = K8S_DIR, overlays: Sequence[Overlay] = OVERLAYS) -
 # ---- CLI -----------------------------------------------------------------------------------
 def _cmd_render(args: argparse.Namespace) -> int:
     if not args.check:
-        for path in render_all():
+        for path in render_all(k8s_dir=K8S_DIR):
             print(path.relative_to(REPO))
         return 0
-    stale = check_all()
+    stale = check_all(K8S_DIR)
     for path, diff in stale.items():
         print(f"stale: {path.relative_to(REPO)}\n{diff[:4000]}", file=sys.stderr)
     if stale:

@@ -13,6 +13,7 @@ from ray.serve import Application
 
 from cluster.config import RagtuneConfig
 from cluster.models import resolve_model
+from cluster.secret_files import apply_secret_files
 from retrieval.retriever import Retriever
 from serve.ingress import Ingress
 from serve.llm import LLMServer, engine_env
@@ -46,12 +47,15 @@ def build_app(args: dict[str, Any] | RagtuneConfig | None = None) -> Application
     """The application: Ingress (OpenAI API) → LLM deployment (vLLM + LoRA) and Retriever.
 
     Args:
-        args: a ``RagtuneConfig`` or ``{"config": <config dict>}`` as Serve's ``args`` passes it.
+        args: a ``RagtuneConfig``, or ``{"config": <config dict>, "secret_files": {...}}`` as
+            Serve's ``args`` pass it (RayService): secrets — API-key digests, the Milvus token —
+            are read from mounted files here, so they never appear in the RayService object.
     """
     if isinstance(args, RagtuneConfig):
         cfg = args
     else:
-        cfg = RagtuneConfig.model_validate((args or {}).get("config", {}))
+        args = args or {}
+        cfg = RagtuneConfig.model_validate(apply_secret_files(args.get("config", {}), args.get("secret_files")))
     cfg = cfg.resolved()
     sc = cfg.serve
     model_path = resolve_model(sc.engine.model, cfg.models_dir)

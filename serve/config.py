@@ -159,6 +159,11 @@ class AdapterStoreConfig(StrictModel):
     store_uri: str = Field("./data/adapters", description="Local path or file:// URI (mount object stores as a path).")
 
 
+_INGRESS = {"max_ongoing_requests": 512, "max_queued_requests": 1024}
+# >= retrieval.search.batch_max_size (32), or Serve caps the embedding batches below it.
+_RETRIEVER = {"max_ongoing_requests": 128, "max_queued_requests": 512}
+
+
 class ServeConfig(StrictModel):
     """The serving application."""
 
@@ -166,17 +171,28 @@ class ServeConfig(StrictModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     llm: DeploymentConfig = Field(default_factory=DeploymentConfig, description="LLM deployment (vLLM engine) options.")
     ingress: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(max_ongoing_requests=512, max_queued_requests=1024),
+        default_factory=lambda: DeploymentConfig(**_INGRESS),
         description="Ingress (OpenAI API) deployment options.",
     )
     retriever: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(max_ongoing_requests=128, max_queued_requests=512),
+        default_factory=lambda: DeploymentConfig(**_RETRIEVER),
         description="Retriever deployment (embedder + Milvus search) options; scales apart from the LLM.",
     )
     rag_enabled: bool = Field(True, description="Deploy the retriever: RAG, /v1/retrieve, /v1/embeddings, documents API.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     adapters: AdapterStoreConfig = Field(default_factory=AdapterStoreConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deployment_defaults(cls, data):
+        # A partial section (e.g. `retriever: {num_cpus: 1}`) keeps that deployment's own
+        # defaults instead of falling back to the generic DeploymentConfig ones.
+        if isinstance(data, dict):
+            for name, field in (("ingress", _INGRESS), ("retriever", _RETRIEVER)):
+                if isinstance(data.get(name), dict):
+                    data = {**data, name: {**field, **data[name]}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
