@@ -207,8 +207,10 @@ def build_parser(lifecycle: _BenchLifecycle | None = None) -> argparse.ArgumentP
 
     _add_loadtests(sub, lifecycle or _BenchLifecycle())
     from cluster.k8s_render import add_cli as add_render_cli
+    from train.cli import add_cli as add_train_cli
 
     add_render_cli(sub)
+    add_train_cli(sub)
     return parser
 
 

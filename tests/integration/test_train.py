@@ -148,7 +148,7 @@ def test_zero2_adapter_is_registered_loads_and_changes_outputs(zero2, workdir, t
     _check_adapter(ref.path, tiny_path)
 
 
-def test_resubmitted_run_continues_at_the_saved_step(zero2, workdir):
+def test_resubmitted_run_continues_at_the_saved_step(zero2, workdir, tiny_path):
     cfg, _ = zero2
     again = _config(workdir, "z2", *[f"{k}={v}" for k, v in {
         "deepspeed.zero_stage": 2, "run.max_steps": 28, "run.checkpoint_every_steps": 5, "eval.every_steps": 5,
@@ -158,7 +158,8 @@ def test_resubmitted_run_continues_at_the_saved_step(zero2, workdir):
     assert outcome.adapter.key == "z2@2"
     # The same config once more: nothing left to train, and no duplicate adapter version.
     done = launch(again)
-    assert done.metrics["already_complete"] is True and done.adapter is None
+    assert done.metrics["step"] == 28 and done.adapter.key == "z2@2"
+    assert [e["versions"] for e in _registry(workdir, tiny_path).list() if e["name"] == "z2"][0].keys() == {"1", "2"}
 
 
 def test_bf16_early_stopping_and_tensorboard(ray_local, workdir, tiny_path):

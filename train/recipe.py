@@ -1,0 +1,317 @@
+"""The LoRA fine-tuning recipe: what each Ray Train worker runs, top to bottom.
+
+    setup (threads, seed, PEFT model, DeepSpeed engine) → resume from the last checkpoint
+    → train (micro-batches, accumulation, progress) → eval + early stopping
+    → checkpoint (DeepSpeed state + step) → export the adapter with the final checkpoint
+
+No trainer framework: one loop, plain functions. The same code runs on CPUs (gloo) and GPUs
+(NCCL): Ray Train has already initialised ``torch.distributed`` and DeepSpeed joins that group.
+
+Data arrives already tokenised (the driver validated it before any worker started); every rank
+reads its shard through a ``DistributedSampler``, whose padding gives all ranks the same number
+of micro-batches — required, since ZeRO collectives run on every forward/backward.
+
+Steps are optimizer steps. The data position is a pure function of the step (micro-batch
+``step * grad_accum`` of a seeded, per-epoch shuffle), so a resumed run continues with exactly
+the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from train.config import TrainConfig
+from train.data import collate
+from train.export import ADAPTER_DIR, save_adapter
+
+__all__ = ["deepspeed_config", "lr_lambda", "train_loop"]
+
+logger = logging.getLogger("train.recipe")
+_TAG = "state"  # DeepSpeed checkpoint tag: one per Ray checkpoint folder, so no "latest" lookups
+
+
+# ---- setup ---------------------------------------------------------------------------------
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if ds.stage3_param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+    torch_adam = ds.optimizer_impl == "torch"
+    return {
+        "train_micro_batch_size_per_gpu": cfg.run.micro_batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "train_batch_size": cfg.run.micro_batch_size * ds.gradient_accumulation_steps * world_size,
+        "gradient_clipping": ds.gradient_clipping,
+        # torch_adam: torch.optim.AdamW instead of FusedAdam/CPUAdam, which JIT-compile C++ (minutes).
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+            "weight_decay": cfg.optim.weight_decay, "torch_adam": torch_adam}},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": not torch_adam,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "steps_per_print": 1 << 30,  # our own progress lines replace DeepSpeed's
+    }
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Multiplier of the peak LR at optimizer step ``s``: linear warmup, then constant/linear/cosine."""
+    warmup, schedule = cfg.optim.warmup_steps, cfg.optim.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _setup_worker(cfg: TrainConfig) -> tuple[int, int]:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(cfg.scaling.threads_per_worker)
+    torch.manual_seed(cfg.run.seed)  # identical LoRA init on every rank
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def _build_engine(cfg: TrainConfig, model_path: str, world: int, total_steps: int):
+    import deepspeed
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    schedule = lr_lambda(cfg, total_steps)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=trainable, config=deepspeed_config(cfg, world),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine
+
+
+def _plan_steps(cfg: TrainConfig, n_train: int, world: int) -> tuple[int, int]:
+    """``(micro-batches per epoch per rank, total optimizer steps)``."""
+    per_rank = math.ceil(n_train / world)  # DistributedSampler pads every rank to this
+    micro_per_epoch = math.ceil(per_rank / cfg.run.micro_batch_size)
+    if cfg.run.max_steps is not None:
+        return micro_per_epoch, cfg.run.max_steps
+    ga = cfg.deepspeed.gradient_accumulation_steps
+    return micro_per_epoch, max(1, math.ceil(cfg.run.epochs * micro_per_epoch / ga))
+
+
+def _micro_batches(examples, cfg: TrainConfig, rank: int, world: int, start_micro: int, pad_id: int):
+    """Endless ``(epoch, batch)`` stream starting at global micro-batch ``start_micro``."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(len(examples)), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=cfg.run.seed, drop_last=False)
+    bs = cfg.run.micro_batch_size
+    per_epoch = math.ceil(len(sampler) / bs)
+    epoch, skip = divmod(start_micro, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for b in range(skip, per_epoch):
+            yield epoch, collate([examples[i] for i in order[b * bs:(b + 1) * bs]], pad_id)
+        epoch, skip = epoch + 1, 0
+
+
+# ---- checkpoint / resume -------------------------------------------------------------------
+def _resume(engine, run: str) -> dict[str, Any]:
+    """Load the latest Ray Train checkpoint of this run, if any; return its client state."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"step": 0, "best_eval": None, "bad_evals": 0, "resumed": False}
+    with checkpoint.as_directory() as path:
+        # Frozen base weights are not in the checkpoint (exclude_frozen_parameters), hence not strict.
+        _, client = engine.load_checkpoint(path, tag=_TAG, load_module_strict=False)
+    logger.info("run %s: resumed from %s at step %s", run, checkpoint.path, client["step"])
+    return {**client, "resumed": True}
+
+
+def _checkpoint(engine, cfg: TrainConfig, state: dict, metrics: dict, rank: int, final: bool) -> None:
+    """All ranks: save DeepSpeed state (+ the adapter when final) and report it to Ray Train."""
+    with tempfile.TemporaryDirectory(prefix="ragtune-ckpt-") as tmp:
+        client = {k: state[k] for k in ("step", "best_eval", "bad_evals")}
+        engine.save_checkpoint(tmp, tag=_TAG, client_state=client, exclude_frozen_parameters=True)
+        if final and cfg.export.enabled:
+            save_adapter(engine, Path(tmp) / ADAPTER_DIR, rank=rank, zero_stage=cfg.deepspeed.zero_stage)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_step_{state['step']:07d}")
+
+
+# ---- eval and progress ---------------------------------------------------------------------
+def _all_reduce(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def _evaluate(engine, examples, cfg: TrainConfig, rank: int, world: int, pad_id: int) -> float:
+    """Token-weighted mean loss over the held-out split (all ranks, same number of batches)."""
+    from torch.utils.data import DistributedSampler
+
+    engine.eval()
+    order = list(DistributedSampler(range(len(examples)), num_replicas=world, rank=rank, shuffle=False))
+    loss_sum = tokens = 0.0
+    for b in range(0, len(order), cfg.run.micro_batch_size):
+        batch = collate([examples[i] for i in order[b:b + cfg.run.micro_batch_size]], pad_id)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        n = float((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
+        loss_sum += float(engine(**batch).loss) * n
+        tokens += n
+    engine.train()
+    loss_sum, tokens = _all_reduce([loss_sum, tokens], engine.device)
+    return loss_sum / max(tokens, 1.0)
+
+
+class _Window:
+    """Loss and throughput since the last report."""
+
+    def __init__(self):
+        self.start, self.loss, self.micro, self.samples, self.tokens = time.perf_counter(), 0.0, 0, 0, 0
+
+    def add(self, loss: float, batch: dict) -> None:
+        self.loss += loss
+        self.micro += 1
+        self.samples += batch["input_ids"].shape[0]
+        self.tokens += int(batch["attention_mask"].sum())
+
+    def summary(self, device) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        loss, micro, samples, tokens = _all_reduce([self.loss, self.micro, self.samples, self.tokens], device)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        (peak_mb,) = _all_reduce([peak_mb], device, op=dist.ReduceOp.MAX)
+        return {"loss": loss / max(micro, 1), "samples_per_s": samples / elapsed,
+                "tokens_per_s": tokens / elapsed, "peak_rss_mb_per_worker": peak_mb, "window_s": elapsed}
+
+
+def _log_progress(run: str, step: int, total: int, metrics: dict, step_s: float) -> None:
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(0, total - step) * step_s))
+    logger.info("run %s step %d/%d loss %.4f lr %.2e %.1f samples/s %.0f tok/s eta %s", run, step, total,
+                metrics["loss"], metrics["lr"], metrics["samples_per_s"], metrics["tokens_per_s"], eta)
+
+
+def _tensorboard(cfg: TrainConfig, rank: int):
+    if rank != 0 or cfg.run.tensorboard_dir is None:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(Path(cfg.run.tensorboard_dir) / cfg.run.name))
+
+
+def _inject_failure(cfg: TrainConfig, step: int, rank: int, resumed: bool) -> None:
+    if cfg.debug.fail_at_step == step and rank == cfg.debug.fail_rank and not resumed:
+        raise RuntimeError(f"debug.fail_at_step: injected failure on rank {rank} at step {step}")
+
+
+def _early_stop(state: dict, eval_loss: float, cfg: TrainConfig) -> bool:
+    """Track the best eval loss; True once ``patience`` evals in a row failed to beat it."""
+    best = state["best_eval"]
+    if best is None or eval_loss < best - cfg.eval.early_stopping_min_delta:
+        state["best_eval"], state["bad_evals"] = eval_loss, 0
+    else:
+        state["bad_evals"] += 1
+    patience = cfg.eval.early_stopping_patience
+    return patience is not None and state["bad_evals"] >= patience
+
+
+def _publish(cfg: TrainConfig, rank: int, writer, metrics: dict, total: int, steps_done: int) -> None:
+    """Rank 0: the progress log line and TensorBoard scalars."""
+    if rank != 0:
+        return
+    _log_progress(cfg.run.name, metrics["step"], total, metrics, metrics["train_s"] / max(steps_done, 1))
+    if writer is not None:
+        for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "eval_loss"):
+            if metrics[key] is not None:
+                writer.add_scalar(f"train/{key}", metrics[key], metrics["step"])
+
+
+# ---- the loop ------------------------------------------------------------------------------
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker entry point.
+
+    ``loop_config`` holds ``config`` (a ``TrainConfig`` dump), ``model_path`` (the resolved base
+    model folder), ``pad_id`` and ``data`` (an ObjectRef to ``{"train": [...], "eval": [...]}``).
+    """
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    run = cfg.run.name
+    rank, world = _setup_worker(cfg)
+    data = ray.get(loop_config["data"])
+    train_set, eval_set, pad_id = data["train"], data["eval"], loop_config["pad_id"]
+    micro_per_epoch, total = _plan_steps(cfg, len(train_set), world)
+    ga = cfg.deepspeed.gradient_accumulation_steps
+
+    engine = _build_engine(cfg, loop_config["model_path"], world, total)
+    state = _resume(engine, run)
+    start = state["step"]
+    if rank == 0:
+        logger.info("run %s: %d workers, zero %d, %d train / %d eval examples, steps %d→%d (%.1f epochs)",
+                    run, world, cfg.deepspeed.zero_stage, len(train_set), len(eval_set), start, total,
+                    total * ga / micro_per_epoch)
+    if start >= total:
+        # A resubmitted run that already finished: nothing to train; the driver's export finds
+        # this final checkpoint already registered and returns that version.
+        logger.info("run %s: already at step %d of %d, nothing to train", run, start, total)
+        return
+    writer = _tensorboard(cfg, rank)
+    stream = _micro_batches(train_set, cfg, rank, world, start * ga, pad_id)
+    window, step, stop, eval_loss, t_begin = _Window(), start, False, None, time.perf_counter()
+
+    while step < total and not stop:
+        for _ in range(ga):
+            epoch, batch = next(stream)
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer/scheduler only at the accumulation boundary
+            window.add(loss.item(), batch)
+        step += 1
+        _inject_failure(cfg, step, rank, state["resumed"])
+
+        if eval_set and (step % cfg.eval.every_steps == 0 or step == total):
+            eval_loss = _evaluate(engine, eval_set, cfg, rank, world, pad_id)
+            stop = _early_stop(state, eval_loss, cfg)  # the same on every rank: eval loss is all-reduced
+        final = stop or step == total
+        is_ckpt = final or step % cfg.run.checkpoint_every_steps == 0
+        if not (final or is_ckpt or step % cfg.run.report_every_steps == 0):
+            continue
+
+        metrics = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0], **window.summary(engine.device),
+                   "resumed_from_step": start if state["resumed"] else None, "done": final,
+                   "stopped_early": stop, "eval_loss": eval_loss, "best_eval_loss": state["best_eval"],
+                   "train_s": time.perf_counter() - t_begin}
+        state["step"] = step
+        _publish(cfg, rank, writer, metrics, total, step - start)
+        if is_ckpt:
+            _checkpoint(engine, cfg, state, metrics, rank, final)
+        else:
+            ray.train.report(metrics)
+        window = _Window()
+
+    if writer is not None:
+        writer.close()
+    if rank == 0:
+        logger.info("run %s: finished at step %d%s", run, step, " (early stop)" if stop else "")
