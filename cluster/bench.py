@@ -98,4 +98,23 @@ def ingest_section(ctx: BenchContext) -> list[Row]:
                 ours_label="ingest", peer_label="raw encode", note="goal: ratio >= 0.9")]
 
 
-EXTRA_SECTIONS = {"d_ingest": ingest_section}
+def training_section(ctx: BenchContext) -> list[Row]:
+    """(e) The Ray Train + DeepSpeed recipe (1-2 workers, ZeRO 0/2/3) vs a plain single-process PEFT loop."""
+    import ray
+
+    from train.bench import bench
+    from train.cli import start_local_ray
+
+    start_local_ray(2)
+    try:
+        rows = bench(quick=ctx.mode == "quick")
+    finally:
+        ray.shutdown()
+    plain = rows[0]
+    return [Row("e_training", f"{r['run']} ({r['workers']}w, ZeRO {r['zero']})", r["samples_per_s"],
+                plain["samples_per_s"], "samples/s", ours_label="recipe", peer_label=plain["run"],
+                note=f"{r['tokens_per_s']} tok/s, peak RSS {r['peak_rss_mb_per_worker']} MB/worker")
+            for r in rows[1:]]
+
+
+EXTRA_SECTIONS = {"d_ingest": ingest_section, "e_training": training_section}
