@@ -27,7 +27,8 @@ class Principal:
         return None if self.admin else self.tenant
 
     @property
-    def log_id(self) -> str:
+    def owner(self) -> str:
+        """The tenant that owns what this caller writes (collections); "local" in open mode."""
         return self.tenant or "local"
 
 

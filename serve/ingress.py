@@ -196,7 +196,7 @@ class Ingress:
 
     def _tenant(self, request: Request) -> str:
         """The tenant that owns collections written by this caller ("local" in open mode)."""
-        return self._principal(request).tenant or "local"
+        return self._principal(request).owner
 
     def _admin(self, request: Request) -> Principal:
         principal = self._principal(request)
@@ -237,6 +237,7 @@ class Ingress:
         )
 
     async def _generate(self, kind: str, body, principal: Principal) -> Response:
+        t0 = time.perf_counter()  # TTFT/e2e are measured from arrival, retrieval included
         if self._inflight >= self.cfg.limits.max_concurrent_requests:
             self._count_failure(kind, 429)
             raise OverloadedError("Too many requests in flight; retry later.", retry_after=self.cfg.limits.retry_after_s)
@@ -246,7 +247,7 @@ class Ingress:
         except BaseException as exc:
             self._count_failure(kind, to_ragtune_error(exc).status)
             raise
-        run = _Run(self, kind, body, req, body.model.partition("@")[0], sources)
+        run = _Run(self, kind, body, req, body.model.partition("@")[0], sources, t0)
         self._inflight += 1
         self.metrics.inflight.inc()
         try:
@@ -263,7 +264,7 @@ class Ingress:
         if body.rag is None:
             return None
         query = rag_query(req.messages, req.prompt)
-        sources = await retrieve_context(self.retriever, body.rag, query, principal.tenant or "local")
+        sources = await retrieve_context(self.retriever, body.rag, query, principal.owner)
         req.context_chunks = [s["text"] for s in sources]
         return sources
 
@@ -281,11 +282,11 @@ class _Run:
     """One generation request from the first engine item to the last byte sent."""
 
     def __init__(self, ingress: Ingress, kind: str, body, req: GenerationRequest, label: str,
-                 sources: list[dict] | None = None):
+                 sources: list[dict] | None, t0: float):
         self.ingress, self.kind, self.body, self.req, self.label = ingress, kind, body, req, label
         self.sources = sources
         self.rag: dict | None = None
-        self.t0 = time.perf_counter()
+        self.t0 = t0
         self.last: float | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
