@@ -111,8 +111,10 @@ class LLMServer:
         try:
             await self._engine.add_lora(lora)
         except Exception as exc:  # engine-side failure: report it, keep serving everything else
-            logger.warning("adapter %s failed to load: %s", ref.key, type(exc).__name__)
-            raise AdapterLoadError(f"adapter {ref.key} failed to load: {exc}", code="adapter_load_failed") from None
+            logger.warning("adapter %s failed to load: %s: %s", ref.key, type(exc).__name__, exc)
+            # The engine's message names server paths: it stays in the log, not in the response.
+            raise AdapterLoadError(f"adapter {ref.key} failed to load (corrupt or incompatible files); "
+                                   "the server log has the reason", code="adapter_load_failed") from None
         logger.info("adapter %s loaded (lora_id=%d)", ref.key, ref.lora_id)
         return lora
 
