@@ -83,6 +83,9 @@ def run_serving(cfg: RagtuneConfig, on_ready: Callable[[str], None] | None = Non
     stop = stop or threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if not cfg.serve.rag_enabled:  # no retriever: no knowledge store to share
+        _serve(cfg.resolved(), on_ready, stop)
+        return
     with knowledge_store(cfg) as shared:
         if before_serving:
             before_serving(shared)
