@@ -142,6 +142,8 @@ def check_renderable(cfg: RagtuneConfig) -> None:
         problems.append(f"retrieval.milvus.uri={cfg.retrieval.milvus.uri!r}: a Milvus Lite file cannot be shared by pods; use the Milvus service URI")
     if cfg.retrieval.milvus.token is not None:
         problems.append("retrieval.milvus.token: must not be in a rendered config; it is read from the mounted Secret")
+    if cfg.serve.topology != "split":
+        problems.append(f"serve.topology={cfg.serve.topology!r}: clusters run 'split' (Ingress scales apart from the GPU LLM replicas)")
     if problems:
         raise ConfigError("config cannot be rendered for Kubernetes:\n" + "\n".join(problems))
 

@@ -15,7 +15,7 @@ from cluster.config import RagtuneConfig
 from cluster.models import resolve_model
 from cluster.secret_files import apply_secret_files
 from retrieval.retriever import Retriever
-from serve.ingress import Ingress
+from serve.ingress import Ingress, LocalClient
 from serve.llm import LLMServer, engine_env
 
 __all__ = ["build_app"]
@@ -43,6 +43,17 @@ class IngressDeployment(Ingress):
         return self.build_asgi_app()
 
 
+class FusedDeployment(IngressDeployment):
+    """API and engine in one replica: no handle hop between them (``serve.topology: fused``)."""
+
+    def __init__(self, cfg, model_path: str, retriever=None):
+        self._server = LLMServer(cfg.engine, model_path, cfg.adapters.store_uri)
+        super().__init__(cfg, model_path, LocalClient(self._server), retriever)
+
+    async def check_health(self) -> None:
+        await self._server.check_health()
+
+
 def build_app(args: dict[str, Any] | RagtuneConfig | None = None) -> Application:
     """The application: Ingress (OpenAI API) → LLM deployment (vLLM + LoRA) and Retriever.
 
@@ -62,9 +73,12 @@ def build_app(args: dict[str, Any] | RagtuneConfig | None = None) -> Application
 
     llm_opts = sc.llm.serve_options()
     llm_opts["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(sc.engine)}
-    llm = serve.deployment(_llm_deployment_class(sc.engine.max_cpu_loras), name="LLMServer", **llm_opts)
     retriever = None
     if sc.rag_enabled:
         retriever = serve.deployment(Retriever, name="Retriever", **sc.retriever.serve_options()).bind(cfg.retrieval)
+    if sc.topology == "fused":
+        fused = serve.deployment(serve.ingress()(FusedDeployment), name="LLMServer", **llm_opts)
+        return fused.bind(sc, model_path, retriever)
+    llm = serve.deployment(_llm_deployment_class(sc.engine.max_cpu_loras), name="LLMServer", **llm_opts)
     ingress = serve.deployment(serve.ingress()(IngressDeployment), name="Ingress", **sc.ingress.serve_options())
     return ingress.bind(sc, model_path, llm.bind(sc.engine, model_path, sc.adapters.store_uri), retriever)

@@ -178,6 +178,14 @@ class ServeConfig(StrictModel):
         default_factory=lambda: DeploymentConfig(**_RETRIEVER),
         description="Retriever deployment (embedder + Milvus search) options; scales apart from the LLM.",
     )
+    # fused is the measured-faster choice for one replica on a small CPU box (ragtune bench a: TPOT
+    # equal to raw vLLM instead of 1.25x); clusters run split (cluster/configs/gpu.yaml, k8s).
+    topology: Literal["split", "fused"] = Field(
+        "fused",
+        description="split: Ingress and LLMServer are separate deployments (scale apart; adapter-affine routing "
+        "via multiplexing). fused: one deployment runs the API and the engine in-process (one hop less per "
+        "streamed token; uses the `llm` deployment options).",
+    )
     rag_enabled: bool = Field(True, description="Deploy the retriever: RAG, /v1/retrieve, /v1/embeddings, documents API.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

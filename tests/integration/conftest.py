@@ -35,6 +35,9 @@ def server(tmp_path_factory, store):
         "milvus_lite": {"port": free_port()},
         "serve": {
             "http": {"host": "127.0.0.1", "port": free_port()},
+            # split: Ingress → LLMServer over a handle with adapter multiplexing (the cluster layout);
+            # the e2e test runs the local default, fused.
+            "topology": "split",
             "engine": {"model": "tiny-llama", "max_model_len": 512, "max_loras": 2, "max_lora_rank": 16},
             "adapters": {"store_uri": str(store.root)},
             "auth": {"keys": [{"sha256": hash_key(k), "tenant": t, "admin": a} for k, (t, a) in KEYS.items()]},
