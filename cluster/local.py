@@ -29,6 +29,10 @@ def connect_ray(cfg: RayConfig) -> None:
         return
     # Without this Ray may rewrite the node IP to a non-loopback address (DESIGN.md).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray gives its GCS 30 s to bind; on a busy 2-core box (an engine or Milvus indexing next
+    # door) that start once took longer and `ragtune up` failed. 120 s is Ray's own value for
+    # its slower rocksdb backend.
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
     ray.init(
         address="local",  # always a new cluster: never attach to someone's `ray start` head
         num_cpus=cfg.num_cpus,
@@ -87,19 +91,20 @@ def run_serving(cfg: RagtuneConfig, on_ready: Callable[[str], None] | None = Non
         _serve(cfg.resolved(), on_ready, stop)
         return
     with knowledge_store(cfg) as shared:
-        if before_serving:
-            before_serving(shared)
-        _serve(shared, on_ready, stop)
+        _serve(shared, on_ready, stop, before_serving)
 
 
-def _serve(cfg: RagtuneConfig, on_ready: Callable[[str], None] | None, stop: threading.Event) -> None:
+def _serve(cfg: RagtuneConfig, on_ready: Callable[[str], None] | None, stop: threading.Event,
+           before_serving: Callable[[RagtuneConfig], None] | None = None) -> None:
     import ray
     from ray import serve
 
     from serve.app import build_app
 
-    connect_ray(cfg.ray)
+    connect_ray(cfg.ray)  # before the sample ingest: Ray's start is the part with a deadline
     try:
+        if before_serving:
+            before_serving(cfg)
         http = cfg.serve.http
         serve.start(http_options={"host": http.host, "port": http.port})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
