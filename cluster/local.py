@@ -33,14 +33,22 @@ def connect_ray(cfg: RayConfig) -> None:
     # door) that start once took longer and `ragtune up` failed. 120 s is Ray's own value for
     # its slower rocksdb backend.
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
-    ray.init(
-        address="local",  # always a new cluster: never attach to someone's `ray start` head
-        num_cpus=cfg.num_cpus,
-        include_dashboard=True,
-        dashboard_host=cfg.dashboard_host,
-        dashboard_port=cfg.dashboard_port,
-        _node_ip_address="127.0.0.1",
-    )
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                address="local",  # always a new cluster: never attach to someone's `ray start` head
+                num_cpus=cfg.num_cpus,
+                include_dashboard=True,
+                dashboard_host=cfg.dashboard_host,
+                dashboard_port=cfg.dashboard_port,
+                _node_ip_address="127.0.0.1",
+            )
+            return
+        except RuntimeError as exc:  # GCS never bound: seen once, with no GCS log to say why
+            if attempt == 2 or "Timed out waiting for file" not in str(exc):
+                raise
+            logger.warning("local Ray did not start (%s); retrying once", exc)
+            ray.shutdown()
 
 
 def wait_ready(url: str, timeout_s: float = 600, headers: dict | None = None) -> None:
