@@ -14,20 +14,12 @@ from pathlib import Path
 
 from cluster.config import load_config
 from cluster.models import make_random_lora, resolve_model
-from cluster.processes import RagtuneServer, RawVLLMServer
+from cluster.processes import RagtuneServer, RawVLLMServer, free_port
 from loadtests.bench import BenchContext, Row
 
 __all__ = ["BenchServers", "EXTRA_SECTIONS", "prepare_bench_args"]
 
 BENCH_ADAPTERS = [f"bench-{i}" for i in range(1, 9)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class BenchServers:
@@ -50,11 +42,11 @@ class BenchServers:
         for seed, name in enumerate(BENCH_ADAPTERS, start=1):
             store.register(make_random_lora(model_path, self.workdir / "src" / name, seed=seed), name)
         data = self.cfg.model_dump(mode="json")
-        data["ray"]["dashboard_port"] = _free_port()
-        data["serve"]["http"]["port"] = _free_port()
+        data["ray"]["dashboard_port"] = free_port()
+        data["serve"]["http"]["port"] = free_port()
         data["serve"]["adapters"]["store_uri"] = str(store.root)
         data["retrieval"]["milvus"]["uri"] = str(self.workdir / "milvus" / "kb.db")
-        data["milvus_lite"]["port"] = _free_port()
+        data["milvus_lite"]["port"] = free_port()
         return self._stack.enter_context(RagtuneServer(data, self.workdir, command="up")).url
 
     def start_raw_vllm(self, model_dir: Path) -> str:
@@ -68,7 +60,7 @@ class BenchServers:
                      "--max-cpu-loras", str(e.max_cpu_loras)]
         from serve.llm import engine_env
 
-        server = RawVLLMServer(model_dir, e.base_name, _free_port(), self.workdir, args, env=engine_env(e))
+        server = RawVLLMServer(model_dir, e.base_name, free_port(), self.workdir, args, env=engine_env(e))
         return self._stack.enter_context(server).url
 
     def close(self) -> None:

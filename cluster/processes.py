@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,9 +18,16 @@ from pathlib import Path
 import httpx
 import yaml
 
-__all__ = ["RagtuneServer", "RawVLLMServer", "stop_process"]
+__all__ = ["RagtuneServer", "RawVLLMServer", "free_port", "stop_process"]
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for servers we start on loopback)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGINT, timeout_s: float = 60) -> None:

@@ -126,7 +126,7 @@ class Ingress:
             max_lora_rank=cfg.engine.max_lora_rank,
         )
         self.llm: LLMClient = HandleClient(llm) if _is_handle(llm) else llm
-        self.retriever = RetrieverClient(retriever) if retriever is not None else None
+        self.retriever = RetrieverClient(retriever, remote=_is_handle(retriever)) if retriever is not None else None
         self._inflight = 0
 
     # ---- app -----------------------------------------------------------------------------

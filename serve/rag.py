@@ -59,10 +59,8 @@ class DocumentsDelete(_Body):
 class RetrieverClient:
     """Awaitable calls on a retriever deployment handle or a local ``Retriever``."""
 
-    def __init__(self, target: Any):
-        from ray.serve.handle import DeploymentHandle
-
-        self._target, self._remote = target, isinstance(target, DeploymentHandle)
+    def __init__(self, target: Any, remote: bool):
+        self._target, self._remote = target, remote
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         fn = getattr(self._target, method)

@@ -20,12 +20,12 @@ import json
 import logging
 import os
 import shlex
-import socket
 import sys
 import time
 from pathlib import Path
 
 from cluster.errors import ConfigError, RagtuneError
+from cluster.processes import free_port
 from train.config import TrainConfig, load_config
 
 __all__ = [
@@ -51,12 +51,6 @@ _ACTIONS = ("run", "submit", "status", "logs", "stop")
 
 
 # ---- Ray connections -----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_local_ray(num_cpus: int | None = None) -> str:
     """Start a single-node Ray on loopback with its dashboard; return the dashboard URL.
 
@@ -65,7 +59,7 @@ def start_local_ray(num_cpus: int | None = None) -> str:
     """
     import ray
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     # Without this Ray may silently rewrite the node IP to a non-loopback address (DESIGN.md).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

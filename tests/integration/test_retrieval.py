@@ -7,15 +7,13 @@ Run: HF_HUB_OFFLINE=1 .venv/bin/pytest -m integration tests/integration/test_ret
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cluster.errors import InvalidRequestError, NotFoundError
+from cluster.milvus_server import MilvusLiteServer
+from cluster.processes import free_port
 from retrieval.config import IngestConfig, MilvusConfig, RetrievalConfig, SearchConfig
 from retrieval.retriever import Retriever
 from retrieval.sample_kb import SAMPLE_COLLECTION, SAMPLE_KB_DIR, SAMPLE_QUESTIONS, ingest_sample_kb
@@ -188,35 +186,12 @@ def test_reopened_store_serves_the_same_data(retriever, tmp_path):
         second.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def test_milvus_lite_server_mode(retriever, tmp_path):
-    port = _free_port()
-    cli = Path(sys.executable).with_name("milvus-lite")
-    server = subprocess.Popen(
-        [str(cli), "server", "--data-dir", str(tmp_path / "srv"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not _listening(port):
-            assert time.monotonic() < deadline and server.poll() is None, "milvus-lite server did not start"
-            time.sleep(0.2)
-        remote = Retriever(config_for(f"http://127.0.0.1:{port}"), embedder=retriever.embedder)
+    # The same server `ragtune up` runs for shared stores (cluster/milvus_server.py).
+    with MilvusLiteServer(tmp_path / "srv", port=free_port()) as server:
+        remote = Retriever(config_for(server.uri), embedder=retriever.embedder)
         try:
             assert run(remote.upsert_documents("parts", "acme", PARTS)).added == len(PARTS)
             assert run(remote.retrieve("QX-4471-B", "parts", "acme", mode="hybrid"))[0].document == "target"
         finally:
             remote.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

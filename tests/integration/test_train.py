@@ -25,6 +25,7 @@ import pytest
 
 from cluster.errors import ConfigError
 from cluster.models import TINY_LLAMA
+from cluster.processes import free_port
 from serve.registry import AdapterRegistry
 from train.cli import job_client, start_local_ray, submit_job, wait_job
 from train.config import TrainConfig, load_config
@@ -198,14 +199,6 @@ def test_invalid_resources_fail_before_any_worker(ray_local, workdir):
 
 
 # ---- Ray Jobs API against a separate `ray start --head` -------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory, monkeypatch_module):
     """A token-auth Ray head on loopback; stopped by its PID (never `ray stop`).
@@ -217,9 +210,9 @@ def ray_head(tmp_path_factory, monkeypatch_module):
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(32))
     temp_dir = tempfile.mkdtemp(prefix="rt-head-", dir="/tmp")  # short: Ray's unix sockets live here
-    dash = _free_port()
-    ports = [f"--port={_free_port()}", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
-             f"--dashboard-agent-listen-port={_free_port()}"]
+    dash = free_port()
+    ports = [f"--port={free_port()}", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}"]
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN_PATH=str(token), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # no 30 s drain on stop
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2",
