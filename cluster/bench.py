@@ -1,13 +1,17 @@
-"""``ragtune bench`` wiring: start our stack and its raw-vLLM peer, add ingest/training sections.
+"""``ragtune bench`` wiring: start our stack and its peers, add ingest/training sections.
 
 The load-test sections live in ``loadtests/bench.py``; this module owns the server lifecycle
-(both servers side by side on this machine, same model and engine settings) and adapts the
-retrieval and training benchmarks to the same row format.
+(the servers side by side on this machine, same model and engine settings) and adapts the
+retrieval and training benchmarks to the same row format. The peers of section (a) are vLLM's
+own OpenAI server (whole run) and, in full mode, Ray Serve LLM (started for section (a) only:
+:class:`StackVsPeers`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,9 +19,10 @@ from pathlib import Path
 from cluster.config import load_config
 from cluster.models import make_random_lora, resolve_model
 from cluster.processes import RagtuneServer, RawVLLMServer, free_port
-from loadtests.bench import BenchContext, Row
+from loadtests.bench import BenchContext, Peer, Row, stack_vs_raw
+from serve.config import EngineConfig
 
-__all__ = ["BenchServers", "EXTRA_SECTIONS", "prepare_bench_args"]
+__all__ = ["BenchServers", "EXTRA_SECTIONS", "RAYLLM_ENV", "StackVsPeers", "prepare_bench_args"]
 
 BENCH_ADAPTERS = [f"bench-{i}" for i in range(1, 9)]
 
@@ -67,15 +72,69 @@ class BenchServers:
         self._stack.close()
 
 
+RAYLLM_ENV = "RAGTUNE_BENCH_RAYLLM"  # 1: add the Ray Serve LLM peer in quick mode too; 0: never
+
+
+class StackVsPeers:
+    """Section (a) with Ray Serve LLM as a second peer next to raw vLLM, measured in the same run.
+
+    On in ``full`` mode, off in ``quick`` mode (its start alone is ~1-2 min and ~5 GB);
+    ``RAGTUNE_BENCH_RAYLLM=1|0`` overrides either way. The peer runs our config's engine settings
+    on the model folder the raw peer gets, starts before the first measurement of the section
+    and is stopped (by PID) when the section ends. If it cannot start, the raw vLLM rows are still
+    measured and one row says why.
+    """
+
+    label = "Ray Serve LLM"
+
+    def __init__(self) -> None:
+        self.engine: EngineConfig | None = None
+        self.model_dir: Path | None = None
+
+    def configure(self, engine: EngineConfig, model_dir: Path | None) -> None:
+        self.engine, self.model_dir = engine, model_dir
+
+    @staticmethod
+    def enabled(mode: str) -> bool:
+        flag = os.environ.get(RAYLLM_ENV, "").strip()
+        return flag == "1" if flag in ("0", "1") else mode == "full"
+
+    def _note(self, note: str) -> Row:
+        return Row("a_stack_vs_raw", f"{self.label} peer", None, None, ours_label="ours", peer_label=self.label,
+                   note=note)
+
+    def __call__(self, ctx: BenchContext) -> list[Row]:
+        from cluster.rayllm_peer import RayServeLLMServer
+
+        if not self.enabled(ctx.mode):
+            return [*stack_vs_raw(ctx), self._note(f"skipped in {ctx.mode} mode (full mode or {RAYLLM_ENV}=1 adds it)")]
+        if self.engine is None or self.model_dir is None:
+            return [*stack_vs_raw(ctx), self._note("skipped: no model folder (--model-dir) for the Ray Serve LLM peer")]
+        with ExitStack() as stack:
+            try:
+                server = stack.enter_context(RayServeLLMServer(self.engine, self.model_dir, ctx.work_dir / "rayllm"))
+            except Exception as exc:  # the raw vLLM comparison must not be lost with it
+                return [*stack_vs_raw(ctx), self._note(f"failed to start: {type(exc).__name__}: {exc}"[:300])]
+            peer = Peer(self.label, server.url, server.model)
+            targets = dataclasses.replace(ctx.targets, extra_peers=(*ctx.targets.extra_peers, peer))
+            rows = stack_vs_raw(dataclasses.replace(ctx, targets=targets))
+            return [*rows, self._note(f"started in {server.started_in_s:.0f} s; log {server.log_path}")]
+
+
+STACK_VS_PEERS = StackVsPeers()
+
+
 def prepare_bench_args(args: argparse.Namespace, servers: BenchServers) -> None:
-    """Defaults for a self-contained run: our adapters, the sample collection, the peer's model."""
-    if args.ours:
-        return
-    args.adapters = args.adapters or ",".join(BENCH_ADAPTERS)
-    args.rag_collection = args.rag_collection or "ragtune-docs"
-    if not args.peer and not args.model_dir:
-        cfg = load_config(args.server_config).resolved()
-        args.model_dir = Path(resolve_model(cfg.serve.engine.model, cfg.models_dir))
+    """Defaults for a self-contained run: our adapters, the sample collection, the peers' model."""
+    cfg = load_config(args.server_config).resolved()
+    model_dir = args.model_dir
+    if not args.ours:
+        args.adapters = args.adapters or ",".join(BENCH_ADAPTERS)
+        args.rag_collection = args.rag_collection or "ragtune-docs"
+        model_dir = model_dir or Path(resolve_model(cfg.serve.engine.model, cfg.models_dir))
+        if not args.peer:
+            args.model_dir = model_dir
+    STACK_VS_PEERS.configure(cfg.serve.engine, model_dir)
 
 
 def _ttft_ms(url: str, body: dict) -> float:
@@ -161,5 +220,7 @@ def training_section(ctx: BenchContext) -> list[Row]:
             for r in rows[1:]]
 
 
-EXTRA_SECTIONS = {"c2_rag_overhead": rag_overhead_section, "d_ingest": ingest_section,
-                  "e_training": training_section}
+# "a_stack_vs_raw" replaces the serving section of that name in place (loadtests.cli merges
+# {**SERVING_SECTIONS, **EXTRA_SECTIONS}, which keeps its position): the same rows plus Ray Serve LLM.
+EXTRA_SECTIONS = {"a_stack_vs_raw": STACK_VS_PEERS, "c2_rag_overhead": rag_overhead_section,
+                  "d_ingest": ingest_section, "e_training": training_section}

@@ -3,7 +3,8 @@
 A *section* is a function ``(BenchContext) -> Sequence[Row]``; each row is one metric measured
 two ways (``ours`` and ``peer``) and their ratio. This module ships the serving sections
 
-* ``a_stack_vs_raw`` — our stack vs a raw vLLM OpenAI server, at concurrency 1/4/16;
+* ``a_stack_vs_raw`` — our stack vs a raw vLLM OpenAI server (and any ``extra_peers``, e.g.
+  Ray Serve LLM), at concurrency 1/4/16;
 * ``b_adapters`` — base model only vs a mix of 3 and of 8 adapters (on our stack);
 * ``c_rag`` — chat with RAG vs without (on our stack);
 
@@ -31,7 +32,7 @@ from loadtests.config import LoadShape, LoadTestConfig, MixEntry, PromptSpec, Ra
 from loadtests.report import Report
 from loadtests.runner import run_loadtest
 
-__all__ = ["BenchContext", "BenchResult", "BenchTargets", "Row", "SERVING_SECTIONS", "Section",
+__all__ = ["BenchContext", "BenchResult", "BenchTargets", "Peer", "Row", "SERVING_SECTIONS", "Section",
            "adapter_mix", "bench_markdown", "rag_vs_plain", "run_bench", "stack_vs_raw"]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,15 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Peer:
+    """Another server section (a) compares our stack with: its label in the tables, URL, model name."""
+
+    label: str
+    url: str
+    model: str
+
+
+@dataclass(frozen=True)
 class BenchTargets:
     """Running servers and the names to send: the section functions need nothing else."""
 
@@ -71,6 +81,7 @@ class BenchTargets:
     adapters: tuple[str, ...] = ()
     rag_collection: str | None = None
     api_key: str | None = None
+    extra_peers: tuple[Peer, ...] = ()  # more peers for section (a), after the raw vLLM one
 
 
 @dataclass
@@ -119,16 +130,25 @@ def _rows(section: str, what: str, ours: Report, peer: Report, labels: tuple[str
 
 
 def stack_vs_raw(ctx: BenchContext) -> list[Row]:
-    """(a) Our stack vs a raw vLLM server on the same base model, at concurrency 1, 4 and 16."""
+    """(a) Our stack vs a raw vLLM server (and each of ``extra_peers``) on the same base model, at
+    concurrency 1, 4 and 16.
+
+    At each concurrency ours runs once, then every peer in turn; rows come grouped by peer (one
+    table each), every one with the ratio ours ÷ that peer.
+    """
     t = ctx.targets
-    if not t.peer_url:
-        return [Row("a_stack_vs_raw", "skipped", None, None, note="no raw vLLM peer URL given")]
-    rows = []
+    peers = [(Peer("raw vLLM", t.peer_url, t.peer_model or t.ours_model), "raw")] if t.peer_url else []
+    peers += [(p, re.sub(r"[^a-z0-9]+", "-", p.label.lower()).strip("-")) for p in t.extra_peers]
+    skipped = [] if t.peer_url else [Row("a_stack_vs_raw", "skipped", None, None, note="no raw vLLM peer URL given")]
+    if not peers:
+        return skipped
+    rows: dict[str, list[Row]] = {p.label: [] for p, _ in peers}
     for c in (1, 4, 16):
         ours = ctx.loadtest(f"a-ours-c{c}", t.ours_url, [t.ours_model], c)
-        peer = ctx.loadtest(f"a-raw-c{c}", t.peer_url, [t.peer_model or t.ours_model], c)
-        rows += _rows("a_stack_vs_raw", f"@c={c}", ours, peer, ("ours", "raw vLLM"))
-    return rows
+        for p, slug in peers:
+            peer = ctx.loadtest(f"a-{slug}-c{c}", p.url, [p.model], c)
+            rows[p.label] += _rows("a_stack_vs_raw", f"@c={c}", ours, peer, ("ours", p.label))
+    return skipped + [row for group in rows.values() for row in group]
 
 
 def adapter_mix(ctx: BenchContext) -> list[Row]:
@@ -189,7 +209,9 @@ def bench_markdown(result: BenchResult) -> str:
     lines = [f"# ragtune bench — {m['date']} on {m['machine']}", "",
              f"Mode `{m['mode']}`; {m['cpus']} CPUs, {m['platform']}, Python {m['python']}. "
              f"Targets: ours `{m['targets']['ours_url']}` ({m['targets']['ours_model']}), "
-             f"peer `{m['targets']['peer_url']}`. Ratio = ours ÷ peer; ↑ higher is better, ↓ lower is better."]
+             f"peer `{m['targets']['peer_url']}`"
+             + "".join(f", {p['label']} `{p['url']}`" for p in m["targets"].get("extra_peers", ()))
+             + ". Ratio = ours ÷ peer; ↑ higher is better, ↓ lower is better."]
     section, labels = None, None
     for r in result.rows:
         if r.section != section:
