@@ -166,7 +166,7 @@ def rag_overhead_section(ctx: BenchContext) -> list[Row]:
     import httpx
 
     from retrieval.sample_kb import SAMPLE_COLLECTION, SAMPLE_QUESTIONS
-    from serve.llm import _context_block
+    from serve.context import context_block
 
     t, top_k = ctx.targets, 3
     rag_ms, pasted_ms = [], []
@@ -176,7 +176,7 @@ def rag_overhead_section(ctx: BenchContext) -> list[Row]:
             base = {"model": t.ours_model, "max_tokens": 4, "temperature": 0}
             hits = httpx.post(f"{t.ours_url}/v1/retrieve", timeout=60,
                               json={"collection": SAMPLE_COLLECTION, "query": question, "top_k": top_k}).json()["data"]
-            system = {"role": "system", "content": _context_block([h["text"] for h in hits])}
+            system = {"role": "system", "content": context_block([h["text"] for h in hits], ["<|im_start|>", "<|im_end|>", "<|endoftext|>"])}
             pasted = {**base, "messages": [system, *user]}
             rag = {**base, "messages": user, "rag": {"collection": SAMPLE_COLLECTION, "top_k": top_k}}
             _ttft_ms(t.ours_url, pasted)  # warm the prefix cache for both sides

@@ -90,14 +90,27 @@ def build_smollm2(dest: Path) -> Path:
         if [k for k in missing if k != "lm_head.weight"] or unexpected:
             raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
         model.tie_weights()
-        model.generation_config.do_sample = False
         model.save_pretrained(tmp, safe_serialization=True)
         if not tokenizer.chat_template:
             tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(tmp)
+        write_generation_defaults(tmp)
         return _finish(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The SmolLM2-Instruct model card's recommended sampling (vLLM applies these to requests that
+# omit them, `generation_config: auto`): at temperature 1.0 the 135M model rambles.
+SMOLLM2_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+
+
+def write_generation_defaults(model_dir: Path) -> None:
+    """Write (or refresh) SmolLM2's recommended sampling into ``generation_config.json``."""
+    path = Path(model_dir) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    if {k: config.get(k) for k in SMOLLM2_SAMPLING} != SMOLLM2_SAMPLING:
+        path.write_text(json.dumps(config | SMOLLM2_SAMPLING, indent=2) + "\n")
 
 
 def _tiny_corpus(n: int = 3000) -> list[str]:
@@ -165,6 +178,8 @@ def build_model(name: str, models_dir: Path) -> Path:
         raise ValueError(f"unknown packaged model {name!r}; choose one of {sorted(_BUILDERS)}")
     dest = models_dir / name
     if (dest / _MARKER).exists():
+        if name == SMOLLM2:  # folders built before the sampling defaults existed get them too
+            write_generation_defaults(dest)
         return dest
     models_dir.mkdir(parents=True, exist_ok=True)
     logger.info("building packaged model %s into %s", name, dest)

@@ -23,7 +23,7 @@ __all__ = [
     "SearchConfig",
 ]
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class EmbedderConfig(StrictModel):

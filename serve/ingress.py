@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP ingress (FastAPI), as a plain class.
 
-``Ingress.build_asgi_app`` returns the FastAPI app; ``serve/app.py`` wraps the class with Ray
-Serve (``serve.ingress()`` + ``__serve_build_asgi_app__``). The LLM replica is reached through an
-``LLMClient`` — a Ray ``DeploymentHandle`` in production, the ``LLMServer`` itself in tests.
+Requests are parsed into **vLLM's own request models** and answered by vLLM's serving layer on
+an LLM replica (``serve/llm.py``); this layer adds only what vLLM lacks: API keys and tenants,
+adapters by ``name@version`` from the registry, ``rag`` with ``sources``, limits and per-adapter
+metrics. ``Ingress.build_asgi_app`` returns the FastAPI app; ``serve/app.py`` wraps the class
+with Ray Serve. The replica is reached through an ``LLMClient`` — a Ray ``DeploymentHandle``
+(split topology), or the ``LLMServer`` object itself (fused topology, tests).
 """
 
 from __future__ import annotations
@@ -13,21 +16,28 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from cluster.errors import AuthenticationError, InvalidRequestError, OverloadedError, RagtuneError
+from cluster.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    RagtuneError,
+)
 from serve.auth import Authenticator, Principal
+from serve.body import check_json_body, parse_json
 from serve.config import ServeConfig
-from serve.errors import create_error_response, to_ragtune_error
-from serve.llm import GenerationRequest
+from serve.errors import create_error_response, to_ragtune_error, vllm_error_response
 from serve.metrics import Metrics
-from serve.protocol import ChatCompletionRequest, CompletionRequest, created, new_id
-from serve.rag import RetrieverClient, add_retrieval_routes, rag_query, retrieve_context
+from serve.protocol import Prelude, RagOptions, Route, created, new_id
+from serve.rag import RetrieverClient, add_retrieval_routes, retrieve_context
 from serve.registry import AdapterRegistry, open_registry
+from serve.streams import Reply, StreamTap
 
 __all__ = ["HandleClient", "Ingress", "LLMClient", "LocalClient"]
 
@@ -35,11 +45,19 @@ logger = logging.getLogger(__name__)
 
 
 class LLMClient(Protocol):
-    """How the ingress talks to an LLM replica."""
+    """How the ingress talks to an LLM replica (vLLM request objects in, vLLM answers out)."""
 
-    def stream(self, req: GenerationRequest) -> AsyncIterator[dict]: ...
+    def chat(self, request: Any, route: Route) -> AsyncIterator[Any]: ...
+
+    def completions(self, request: Any, route: Route) -> AsyncIterator[Any]: ...
+
+    async def tokenize(self, request: Any, route: Route) -> Any: ...
+
+    async def detokenize(self, request: Any, route: Route) -> Any: ...
 
     async def load_adapter(self, key: str) -> None: ...
+
+    async def engine_metrics(self) -> bytes: ...
 
 
 class HandleClient:
@@ -48,24 +66,51 @@ class HandleClient:
     def __init__(self, handle: Any):
         self._handle = handle
 
-    def stream(self, req: GenerationRequest) -> AsyncIterator[dict]:
-        return self._handle.options(stream=True, multiplexed_model_id=req.adapter or "").generate.remote(req)
+    def _to(self, route: Route | None = None, stream: bool = False):
+        return self._handle.options(stream=stream, multiplexed_model_id=(route.adapter if route else None) or "")
+
+    def chat(self, request: Any, route: Route) -> AsyncIterator[Any]:
+        return self._to(route, stream=True).chat.remote(request, route)
+
+    def completions(self, request: Any, route: Route) -> AsyncIterator[Any]:
+        return self._to(route, stream=True).completions.remote(request, route)
+
+    async def tokenize(self, request: Any, route: Route) -> Any:
+        return await self._to(route).tokenize.remote(request, route)
+
+    async def detokenize(self, request: Any, route: Route) -> Any:
+        return await self._to(route).detokenize.remote(request, route)
 
     async def load_adapter(self, key: str) -> None:
         await self._handle.options(multiplexed_model_id=key).get_adapter.remote(key)
 
+    async def engine_metrics(self) -> bytes:
+        return await self._to().engine_metrics.remote()
+
 
 class LocalClient:
-    """In-process (unit tests, single-process tools): calls the server object directly."""
+    """In-process (fused topology, unit tests): calls the server object directly."""
 
     def __init__(self, server: Any):
         self._server = server
 
-    def stream(self, req: GenerationRequest) -> AsyncIterator[dict]:
-        return self._server.generate(req)
+    def chat(self, request: Any, route: Route) -> AsyncIterator[Any]:
+        return self._server.chat(request, route)
+
+    def completions(self, request: Any, route: Route) -> AsyncIterator[Any]:
+        return self._server.completions(request, route)
+
+    async def tokenize(self, request: Any, route: Route) -> Any:
+        return await self._server.tokenize(request, route)
+
+    async def detokenize(self, request: Any, route: Route) -> Any:
+        return await self._server.detokenize(request, route)
 
     async def load_adapter(self, key: str) -> None:
         await self._server.get_adapter(key)
+
+    async def engine_metrics(self) -> bytes:
+        return self._server.engine_metrics()
 
 
 def _handle(_request: Request, exc: Exception) -> JSONResponse:
@@ -76,6 +121,16 @@ def _is_handle(obj: Any) -> bool:
     from ray.serve.handle import DeploymentHandle
 
     return isinstance(obj, DeploymentHandle)
+
+
+def _protocol():
+    """vLLM's request models (imported lazily: the ingress module stays importable without vLLM)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+
+    return {"chat": ChatCompletionRequest, "completion": CompletionRequest, "tokenize": TokenizeRequest,
+            "detokenize": DetokenizeRequest}
 
 
 class _PromoteBody(BaseModel):
@@ -111,6 +166,23 @@ class _BodyLimit:
         err = InvalidRequestError(f"Request body exceeds the limit of {self.limit} bytes.", code="body_too_large")
         response = JSONResponse(err.to_dict(), status_code=413)
         await response(scope, receive, send)
+
+
+def _validated(model: Any, data: Any, prefix: str = "") -> Any:
+    """``model.model_validate(data)`` with a 400 that names the first bad field."""
+    try:
+        if isinstance(model, type):
+            return model.model_validate(data)
+        from pydantic import TypeAdapter
+
+        return TypeAdapter(model).validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()) if not str(p).startswith("function-"))
+        param = f"{prefix}{loc}" if loc else prefix.rstrip(".") or None
+        raise InvalidRequestError(f"{param or 'body'}: {first.get('msg')}", param=param) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # validators of vLLM's models
+        raise InvalidRequestError(str(exc)) from None
 
 
 class Ingress:
@@ -151,19 +223,35 @@ class Ingress:
         @app.get("/metrics")
         async def metrics(request: Request) -> Response:
             self._admin(request)
-            return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+            engine = await self.llm.engine_metrics()
+            return Response(self.metrics.render() + engine, media_type="text/plain; version=0.0.4")
 
         @app.get("/v1/models")
         async def models(request: Request) -> dict:
             return {"object": "list", "data": self._models(self._principal(request))}
 
+        @app.get("/v1/models/{model_id:path}")
+        async def model(model_id: str, request: Request) -> dict:
+            for card in self._models(self._principal(request)):
+                if card["id"] == model_id:
+                    return card
+            raise NotFoundError(f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+
         @app.post("/v1/chat/completions")
-        async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-            return await self._generate("chat", body, self._principal(request))
+        async def chat(request: Request) -> Response:
+            return await self._generate("chat", request)
 
         @app.post("/v1/completions")
-        async def completions(body: CompletionRequest, request: Request) -> Response:
-            return await self._generate("completion", body, self._principal(request))
+        async def completions(request: Request) -> Response:
+            return await self._generate("completion", request)
+
+        @app.post("/tokenize")
+        async def tokenize(request: Request) -> Response:
+            return await self._tokenizer("tokenize", request)
+
+        @app.post("/detokenize")
+        async def detokenize(request: Request) -> Response:
+            return await self._tokenizer("detokenize", request)
 
         self._adapter_routes(app)
 
@@ -178,7 +266,7 @@ class Ingress:
             await self.llm.load_adapter(ref.key)
             return {"loaded": ref.key}
 
-        @app.post("/v1/adapters/{name}/promote")
+        @app.post("/v1/adapters/{name}/promote", dependencies=[Depends(check_json_body)])
         async def promote(name: str, body: _PromoteBody, request: Request) -> dict:
             ref = self.registry.promote(name, body.version, self._principal(request).scope)
             logger.info("adapter %s promoted to v%d", name, ref.version)
@@ -207,65 +295,94 @@ class Ingress:
     # ---- models --------------------------------------------------------------------------
     def _models(self, principal: Principal) -> list[dict]:
         now = created()
-        data = [{"id": self.base, "object": "model", "created": now, "owned_by": "ragtune", "parent": None,
-                 "max_model_len": self.cfg.engine.max_model_len}]
+        data = [{"id": self.base, "object": "model", "created": now, "owned_by": "ragtune", "root": self.base,
+                 "parent": None, "max_model_len": self.cfg.engine.max_model_len}]
         for adapter in self.registry.list(principal.scope):
             data.append({"id": adapter["name"], "object": "model", "created": now,
-                         "owned_by": adapter["owner"] or "shared", "parent": self.base,
+                         "owned_by": adapter["owner"] or "shared", "root": adapter["name"], "parent": self.base,
+                         "max_model_len": self.cfg.engine.max_model_len,
                          "promoted_version": adapter["promoted"], "versions": sorted(map(int, adapter["versions"]))})
         return data
 
-    # ---- generation ----------------------------------------------------------------------
-    def _request(self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Principal) -> GenerationRequest:
-        limits = self.cfg.limits
-        if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
-            raise InvalidRequestError(f"max_tokens={body.max_tokens} exceeds this server's limit of {limits.max_tokens}", param="max_tokens")
-        if body.n > limits.max_n:
-            raise InvalidRequestError(f"n={body.n} exceeds this server's limit of {limits.max_n}", param="n")
-        if body.rag is not None and self.retriever is None:
-            raise InvalidRequestError("retrieval is not enabled on this server", param="rag")
-        adapter = None if body.model == self.base else self.registry.resolve(body.model, principal.scope).key
-        return GenerationRequest(
-            request_id=new_id("chatcmpl" if kind == "chat" else "cmpl"),
-            sampling=body.sampling(body.max_tokens),
-            stream=body.stream,
-            messages=[{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
-            if kind == "chat" else None,
-            prompt=body.prompt if kind == "completion" else None,
-            adapter=adapter,
-            default_max_tokens=limits.default_max_tokens,
-        )
+    # ---- requests ------------------------------------------------------------------------
+    def _route(self, kind: str, model: Any, principal: Principal) -> Route:
+        """Resolve ``model`` (base, adapter, ``name@version``) for this caller: unknown → 404."""
+        if model is not None and not isinstance(model, str):
+            raise InvalidRequestError("model must be a string", param="model")
+        if model is None or model == self.base:
+            return Route(request_id=new_id())
+        return Route(request_id=new_id(), adapter=self.registry.resolve(model, principal.scope).key)
 
-    async def _generate(self, kind: str, body, principal: Principal) -> Response:
+    def _check_limits(self, req: Any) -> None:
+        """Operator caps, stated in the error (never a silent cut)."""
+        limits = self.cfg.limits
+        asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        if limits.max_tokens is not None and asked is not None and asked > limits.max_tokens:
+            raise InvalidRequestError(f"max_tokens={asked} exceeds this server's limit of {limits.max_tokens}",
+                                      param="max_tokens")
+        if (req.n or 1) > limits.max_n:
+            raise InvalidRequestError(f"n={req.n} exceeds this server's limit of {limits.max_n}", param="n")
+
+    async def _read(self, request: Request) -> dict:
+        data = parse_json(await request.body())
+        if not isinstance(data, dict):
+            raise InvalidRequestError("Request body must be a JSON object.", code="invalid_json")
+        return data
+
+    async def _tokenizer(self, kind: str, request: Request) -> Response:
+        principal = self._principal(request)
+        data = await self._read(request)
+        route = self._route(kind, data.get("model"), principal)
+        req = _validated(_protocol()[kind], data)
+        call = self.llm.tokenize if kind == "tokenize" else self.llm.detokenize
+        return _json(await call(req, route))
+
+    async def _generate(self, kind: str, request: Request) -> Response:
         t0 = time.perf_counter()  # TTFT/e2e are measured from arrival, retrieval included
         if self._inflight >= self.cfg.limits.max_concurrent_requests:
             self._count_failure(kind, 429)
             raise OverloadedError("Too many requests in flight; retry later.", retry_after=self.cfg.limits.retry_after_s)
         try:
-            req = self._request(kind, body, principal)
-            sources = await self._retrieve(body, req, principal)
+            principal = self._principal(request)
+            data = await self._read(request)
+            rag = _validated(RagOptions, data.pop("rag"), "rag.") if data.get("rag") is not None else None
+            data.pop("rag", None)
+            route = self._route(kind, data.get("model"), principal)
+            req = _validated(_protocol()[kind], data)
+            self._check_limits(req)
+            sources = await self._retrieve(rag, req, route, principal)
         except BaseException as exc:
             self._count_failure(kind, to_ragtune_error(exc).status)
             raise
-        run = _Run(self, kind, body, req, body.model.partition("@")[0], sources, t0)
+        label = data["model"].partition("@")[0] if route.adapter else self.base
+        logger.info("request %s %s model=%s stream=%s rag=%s", route.request_id, kind, route.adapter or self.base,
+                    bool(req.stream), rag is not None)
+        reply = Reply(self.metrics, kind, label, t0, sources, self._done)
+        tap = StreamTap.prepare(req)  # usage is always measured, shown only if the client asked
         self._inflight += 1
         self.metrics.inflight.inc()
         try:
-            await run.start()
+            stream = (self.llm.chat if kind == "chat" else self.llm.completions)(req, route)
+            first = await stream.__anext__()
+            if not isinstance(first, Prelude):
+                reply.finish(first)  # an error before generation: right status, no stream
+                return _json(first)
+            reply.context_used(first.context_used)
+            if req.stream:
+                return StreamingResponse(reply.sse(stream, tap), media_type="text/event-stream")
+            return JSONResponse(await reply.collect(stream))
         except BaseException as exc:
-            run.finish(to_ragtune_error(exc, req.request_id).status)
+            reply.finish(exc)
             raise
-        if body.stream:
-            return StreamingResponse(run.sse(), media_type="text/event-stream")
-        return JSONResponse(await run.collect())
 
-    async def _retrieve(self, body, req: GenerationRequest, principal: Principal) -> list[dict] | None:
-        """RAG: fetch chunks for the request and hand their text to the LLM (it fits them)."""
-        if body.rag is None:
+    async def _retrieve(self, rag: RagOptions | None, req: Any, route: Route, principal: Principal) -> list[dict] | None:
+        """RAG: fetch chunks for the request and hand their text to the replica (it fits them)."""
+        if rag is None:
             return None
-        query = rag_query(req.messages, req.prompt)
-        sources = await retrieve_context(self.retriever, body.rag, query, principal.owner)
-        req.context_chunks = [s["text"] for s in sources]
+        if self.retriever is None:
+            raise InvalidRequestError("retrieval is not enabled on this server", param="rag")
+        sources = await retrieve_context(self.retriever, rag, _query(req), principal.owner)
+        route.context = [s["text"] for s in sources]
         return sources
 
     def _count_failure(self, endpoint: str, status: int) -> None:
@@ -278,118 +395,33 @@ class Ingress:
         self.metrics.inflight.dec()
 
 
-class _Run:
-    """One generation request from the first engine item to the last byte sent."""
+def _json(answer: Any) -> Response:
+    """A vLLM answer (response model or ``ErrorResponse``) or our typed error, as HTTP."""
+    if isinstance(answer, BaseException):
+        raise answer
+    error = vllm_error_response(answer)
+    if error is not None:
+        return error
+    return JSONResponse(answer.model_dump())
 
-    def __init__(self, ingress: Ingress, kind: str, body, req: GenerationRequest, label: str,
-                 sources: list[dict] | None, t0: float):
-        self.ingress, self.kind, self.body, self.req, self.label = ingress, kind, body, req, label
-        self.sources = sources
-        self.rag: dict | None = None
-        self.t0 = t0
-        self.last: float | None = None
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self._finished = False
 
-    async def start(self) -> None:
-        self.stream = self.ingress.llm.stream(self.req)
-        first = await self.stream.__anext__()  # validation errors surface here, before any byte
-        if "error" in first:
-            raise first["error"]
-        self.prompt_tokens = first["prompt_tokens"]
-        if self.sources is not None:
-            used = first["context_chunks_used"]
-            self.rag = {"chunks_retrieved": len(self.sources), "chunks_used": used,
-                        "chunks_dropped": len(self.sources) - used}
-            self.sources = self.sources[:used]  # only what the model actually saw
-        logger.info("request %s model=%s prompt_tokens=%d", self.req.request_id, self.label, self.prompt_tokens)
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
 
-    def _observe(self, choices: list[dict]) -> None:
-        if not any(c["tokens"] for c in choices):
-            return
-        now, m = time.perf_counter(), self.ingress.metrics
-        (m.itl if self.last is not None else m.ttft).labels(self.label).observe(now - (self.last or self.t0))
-        self.last = now
-        self.completion_tokens += sum(c["tokens"] for c in choices)
 
-    def finish(self, status: int) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        m, endpoint = self.ingress.metrics, self.kind
-        m.requests.labels(endpoint, self.label, str(status)).inc()
-        if status >= 400:
-            m.errors.labels(endpoint, str(status)).inc()
-        else:
-            m.e2e.labels(self.label).observe(time.perf_counter() - self.t0)
-            m.prompt_tokens.labels(self.label).inc(self.prompt_tokens)
-            m.completion_tokens.labels(self.label).inc(self.completion_tokens)
-        self.ingress._done()
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-    async def collect(self) -> dict:
-        texts: dict[int, list[str]] = {}
-        reasons: dict[int, str | None] = {}
-        try:
-            async for item in self.stream:
-                self._observe(item["choices"])
-                for c in item["choices"]:
-                    texts.setdefault(c["index"], []).append(c["text"])
-                    reasons[c["index"]] = c["finish_reason"] or reasons.get(c["index"])
-        except BaseException as exc:
-            self.finish(to_ragtune_error(exc, self.req.request_id).status)
-            raise
-        self.finish(200)
-        choices = [self._choice(i, "".join(texts[i]), reasons.get(i)) for i in sorted(texts)]
-        obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        out = {"id": self.req.request_id, "object": obj, "created": created(), "model": self.body.model,
-               "choices": choices, "usage": self.usage()}
-        return out | self._rag_fields()
-
-    def _rag_fields(self) -> dict:
-        return {"sources": self.sources, "rag": self.rag} if self.sources is not None else {}
-
-    def _choice(self, index: int, text: str, reason: str | None) -> dict:
-        if self.kind == "chat":
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": reason}
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
-
-    def _chunk(self, choices: list[dict], usage: dict | None = None, extra: dict | None = None) -> str:
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        payload = {"id": self.req.request_id, "object": obj, "created": created(), "model": self.body.model,
-                   "choices": choices, **(extra or {})}
-        if self.body.include_usage:
-            payload["usage"] = usage
-        return f"data: {json.dumps(payload)}\n\n"
-
-    def _delta(self, c: dict, first: bool) -> dict:
-        if self.kind == "chat":
-            delta = {"role": "assistant", "content": c["text"]} if first else {"content": c["text"]}
-            return {"index": c["index"], "delta": delta, "logprobs": None, "finish_reason": c["finish_reason"]}
-        return {"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
-
-    async def sse(self) -> AsyncIterator[str]:
-        started: set[int] = set()
-        status = 200
-        try:
-            async for item in self.stream:
-                self._observe(item["choices"])
-                deltas = [self._delta(c, c["index"] not in started) for c in item["choices"]]
-                extra = self._rag_fields() if not started else {}  # sources ride on the first chunk
-                started.update(c["index"] for c in item["choices"])
-                if deltas:
-                    yield self._chunk(deltas, extra=extra)
-            if self.body.include_usage:
-                yield self._chunk([], self.usage())
-        except Exception as exc:  # mid-stream: the status line is gone, so report in-band
-            err = to_ragtune_error(exc, self.req.request_id)
-            status = err.status
-            yield f"data: {json.dumps(err.to_dict())}\n\n"
-        finally:
-            self.finish(status)
-        yield "data: [DONE]\n\n"
+def _query(req: Any) -> str:
+    """What to search for: the last user message of a chat, or the completion prompt."""
+    messages = getattr(req, "messages", None)
+    if messages is None:
+        prompt = req.prompt
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("rag needs a single text prompt (not token ids or a list of prompts)", param="rag")
+        return prompt
+    users = [_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    return users[-1] if users else _text(messages[-1].get("content") if isinstance(messages[-1], dict) else "")

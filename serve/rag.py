@@ -11,12 +11,13 @@ import logging
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.body import check_json_body
 from serve.protocol import RagOptions
 
-__all__ = ["RetrieverClient", "add_retrieval_routes", "rag_query"]
+__all__ = ["RetrieverClient", "add_retrieval_routes", "retrieve_context"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +68,6 @@ class RetrieverClient:
         return await (fn.remote(*args, **kwargs) if self._remote else fn(*args, **kwargs))
 
 
-def rag_query(messages: list[dict[str, str]] | None, prompt: str | None) -> str:
-    """What to search for: the last user message of a chat, or the completion prompt."""
-    if messages is None:
-        return prompt or ""
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    return users[-1] if users else messages[-1]["content"]
-
-
 async def retrieve_context(client: RetrieverClient, rag: RagOptions, query: str, tenant: str) -> list[dict]:
     """Chunks for the prompt, best first, as ``sources`` dicts (id, document, source, score, text)."""
     chunks = await client.call("retrieve", query, rag.collection, tenant, rag.top_k, rag.filter, rag.mode)
@@ -88,16 +81,19 @@ def _encode(vector: list[float], fmt: str) -> list[float] | str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
+_CHECKED = [Depends(check_json_body)]  # hostile JSON (depth, digits, surrogates) is a 400, not a 500
+
+
 def add_retrieval_routes(app: FastAPI, client: RetrieverClient, tenant_of) -> None:
     """Register the retrieval endpoints; ``tenant_of(request)`` authenticates and names the tenant."""
 
-    @app.post("/v1/retrieve")
+    @app.post("/v1/retrieve", dependencies=_CHECKED)
     async def retrieve(body: RetrieveRequest, request: Request) -> dict:
         chunks = await client.call("retrieve", body.query, body.collection, tenant_of(request), body.top_k,
                                    body.filter, body.mode)
         return {"object": "list", "collection": body.collection, "data": [c.to_dict() for c in chunks]}
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", dependencies=_CHECKED)
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
         tenant_of(request)
         texts = [body.input] if isinstance(body.input, str) else body.input
@@ -109,14 +105,14 @@ def add_retrieval_routes(app: FastAPI, client: RetrieverClient, tenant_of) -> No
                          for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    @app.put("/v1/collections/{collection}/documents")
+    @app.put("/v1/collections/{collection}/documents", dependencies=_CHECKED)
     async def put_documents(collection: str, body: DocumentsPut, request: Request) -> dict:
         summary = await client.call("upsert_documents", collection, tenant_of(request), body.documents,
                                     prune=body.prune, public=body.public)
         logger.info("collection %s: upserted %d documents", collection, len(body.documents))
         return summary.to_dict()
 
-    @app.put("/v1/collections/{collection}/documents/{doc_id}")
+    @app.put("/v1/collections/{collection}/documents/{doc_id}", dependencies=_CHECKED)
     async def put_document(collection: str, doc_id: str, body: DocumentPut, request: Request) -> dict:
         doc = {"id": doc_id, **body.model_dump()}
         summary = await client.call("upsert_documents", collection, tenant_of(request), [doc])
@@ -127,7 +123,7 @@ def add_retrieval_routes(app: FastAPI, client: RetrieverClient, tenant_of) -> No
         await client.call("delete_document", collection, tenant_of(request), doc_id)
         return {"deleted": 1}
 
-    @app.delete("/v1/collections/{collection}/documents")
+    @app.delete("/v1/collections/{collection}/documents", dependencies=_CHECKED)
     async def delete_documents(collection: str, request: Request, body: DocumentsDelete | None = None) -> dict:
         ids = body.ids if body else None
         return {"deleted": await client.call("delete_documents", collection, tenant_of(request), ids)}

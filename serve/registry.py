@@ -27,7 +27,7 @@ from cluster.errors import ConfigError, InvalidRequestError, NotFoundError
 
 __all__ = ["AdapterRef", "AdapterRegistry", "open_registry", "parse_model_name"]
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 _INDEX = "adapter.json"
 MANIFEST = "ragtune-manifest.json"
 # Module names vLLM cannot load as LoRA targets on a plain decoder (it would need embedding LoRA).

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
+import httpx
 import openai
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from cluster.processes import RagtuneServer
 from tests.conftest import REPO, free_port
@@ -78,3 +81,79 @@ def test_ingest_while_serving_shares_the_store(up, client, tmp_path):
                                          messages=[{"role": "user", "content": "Who is the lighthouse keeper?"}],
                                          extra_body={"rag": {"collection": "island", "top_k": 1}})
     assert out.model_extra["sources"][0]["document"].endswith("lighthouse.md") or out.model_extra["sources"][0]["source"].endswith("lighthouse.md")
+
+
+def test_the_printed_curl_answers_sensibly_every_time(up):
+    """The banner's curl sends no temperature: the model's own sampling defaults must apply."""
+    log = up.log_path.read_text()
+    body = json.loads(re.search(r"-d '(\{.*?\})'", log, re.S).group(1))
+    assert "temperature" not in body
+    answers = [httpx.post(f"{up.url}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["message"]["content"]
+               for _ in range(4)]
+    assert all("Paris" in a for a in answers), answers
+
+
+@pytest.fixture(scope="module")
+def adapter(up, tmp_path_factory):
+    """A small random LoRA on SmolLM2, registered while the stack runs (served as name@1)."""
+    from cluster.models import make_random_lora
+    from serve.registry import open_registry
+
+    base = REPO / "data" / "models" / "smollm2-135m-instruct"
+    src = make_random_lora(base, tmp_path_factory.mktemp("lora") / "nudge", seed=3, scale=0.01)
+    store = open_registry(up.config["serve"]["adapters"]["store_uri"], base_model="smollm2-135m-instruct",
+                          base_model_path=str(base))
+    return store.register(src, "nudge").key
+
+
+class Capital(BaseModel):
+    country: str
+    capital: str
+
+
+CAPITAL_TOOL = openai.pydantic_function_tool(Capital, name="record_capital", description="Record a country's capital")
+
+
+@pytest.fixture(params=["base", "adapter"])
+def model(request, adapter):
+    return "smollm2-135m-instruct" if request.param == "base" else adapter
+
+
+def test_json_object_and_parse(client, model):
+    ask = [{"role": "user", "content": "Give the capital of France as JSON with keys country and capital."}]
+    raw = client.chat.completions.create(model=model, messages=ask, max_tokens=64, temperature=0,
+                                         response_format={"type": "json_object"})
+    assert isinstance(json.loads(raw.choices[0].message.content), dict)
+    parsed = client.beta.chat.completions.parse(model=model, messages=ask, max_tokens=64, temperature=0,
+                                                response_format=Capital)
+    assert isinstance(parsed.choices[0].message.parsed, Capital)
+
+
+def test_required_tool_call_and_its_history(client, model):
+    ask = [{"role": "user", "content": "Record the capital of France."}]
+    out = client.chat.completions.create(model=model, messages=ask, max_tokens=96, temperature=0, tools=[CAPITAL_TOOL],
+                                         tool_choice="required")
+    call = out.choices[0].message.tool_calls[0]
+    assert call.function.name == "record_capital"
+    Capital.model_validate_json(call.function.arguments)
+    history = [*ask, out.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "recorded"}]
+    again = client.chat.completions.create(model=model, messages=history, max_tokens=16, temperature=0, tools=[CAPITAL_TOOL])
+    assert again.choices[0].message.content or again.choices[0].message.tool_calls
+
+
+def test_logprobs_count(client, model):
+    out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                         temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    assert [len(t.top_logprobs) for t in out.choices[0].logprobs.content] == [2, 2, 2, 2]
+
+
+def test_rag_with_structured_output(client, model):
+    question = [{"role": "user", "content": "What is the internal codename of the ragtune project? Answer as JSON."}]
+    schema = {"type": "object", "properties": {"codename": {"type": "string"}}, "required": ["codename"]}
+    out = client.chat.completions.create(
+        model=model, messages=question, max_tokens=48, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "codename", "schema": schema}},
+        extra_body={"rag": {"collection": "ragtune-docs", "top_k": 3}})
+    assert "codename" in json.loads(out.choices[0].message.content)
+    assert any("codename" in s["source"] for s in out.model_extra["sources"])

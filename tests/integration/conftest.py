@@ -38,7 +38,11 @@ def server(tmp_path_factory, store):
             # split: Ingress → LLMServer over a handle with adapter multiplexing (the cluster layout);
             # the e2e test runs the local default, fused.
             "topology": "split",
-            "engine": {"model": "tiny-llama", "max_model_len": 512, "max_loras": 2, "max_lora_rank": 16},
+            "engine": {"model": "tiny-llama", "max_model_len": 512, "max_loras": 2, "max_lora_rank": 16,
+                       # A random model pads JSON with whitespace forever; compact JSON makes the
+                       # grammar-constrained tests (structured outputs, tools) end within max_tokens.
+                       "extra_args": {"structured_outputs_config": {"backend": "xgrammar",
+                                                                    "disable_any_whitespace": True}}},
             "adapters": {"store_uri": str(store.root)},
             "auth": {"keys": [{"sha256": hash_key(k), "tenant": t, "admin": a} for k, (t, a) in KEYS.items()]},
         },
