@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import secrets
 import sys
+
+# Ray reads this once, when it is first imported: set before anything imports ray, or a local
+# head started on 127.0.0.1 is silently moved to the host's address (DESIGN.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from cluster.config import load_config
 from cluster.errors import RagtuneError

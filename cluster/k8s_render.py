@@ -149,9 +149,10 @@ def check_renderable(cfg: RagtuneConfig) -> None:
 
 
 # ---- serve ---------------------------------------------------------------------------------
-def _deployment(name: str, dc: DeploymentConfig, env: dict[str, str] | None = None) -> dict[str, Any]:
+def _deployment(name: str, dc: DeploymentConfig, env: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """One serveConfigV2 deployment: exactly what ``serve/app.py`` passes to ``serve.deployment``."""
-    opts = dc.serve_options()
+    opts = dc.serve_options() | (overrides or {})
     if env is not None:  # build_app sets the LLM replica's runtime_env; a config override replaces it whole
         opts["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     return {"name": name, **opts}
@@ -179,7 +180,8 @@ def render_serve_config(cfg: RagtuneConfig) -> dict[str, Any]:
     deployments = [_deployment("LLMServer", sc.llm, engine_env(sc.engine))]
     if sc.rag_enabled:
         deployments.append(_deployment("Retriever", sc.retriever))
-    deployments.append(_deployment("Ingress", sc.ingress))
+    # The HTTP-facing deployment's queue options come from the limits, as in build_app.
+    deployments.append(_deployment("Ingress", sc.ingress, overrides=sc.http_facing_options(sc.ingress)))
     app = {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
            "args": {"config": _public_config(cfg), "secret_files": SECRET_FILES}, "deployments": deployments}
     return {"proxy_location": "EveryNode", "http_options": {"host": sc.http.host, "port": sc.http.port},

@@ -27,7 +27,9 @@ def connect_ray(cfg: RayConfig) -> None:
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=True)
         return
-    # Without this Ray may rewrite the node IP to a non-loopback address (DESIGN.md).
+    # Without this Ray may rewrite the node IP to a non-loopback address (DESIGN.md). Ray reads
+    # it at import time, so cluster/cli.py sets it first; this covers library callers that had
+    # not imported ray yet.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Ray gives its GCS 30 s to bind; on a busy 2-core box (an engine or Milvus indexing next
     # door) that start once took longer and `ragtune up` failed. 120 s is Ray's own value for

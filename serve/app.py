@@ -78,10 +78,7 @@ def build_app(args: dict[str, Any] | RagtuneConfig | None = None) -> Application
 
     llm_opts = sc.llm.serve_options()
     if sc.topology == "fused":
-        # The HTTP-facing replica must never be refused by Serve itself (a plain-text 503 without
-        # Retry-After): the ingress bounds generation with its own OpenAI-shaped 429, and the
-        # headroom keeps /health, /metrics and admin calls from queueing behind generation.
-        llm_opts |= _http_facing(sc)
+        llm_opts |= sc.http_facing_options(sc.llm)
     llm_opts["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(sc.engine)}
     retriever = None
     if sc.rag_enabled:
@@ -91,15 +88,7 @@ def build_app(args: dict[str, Any] | RagtuneConfig | None = None) -> Application
         return fused.bind(sc, model_path, retriever)
     llm = serve.deployment(_llm_deployment_class(sc.engine.max_cpu_loras), name="LLMServer", **llm_opts)
     ingress = serve.deployment(serve.ingress()(IngressDeployment), name="Ingress",
-                               **(sc.ingress.serve_options() | _http_facing(sc)))
+                               **(sc.ingress.serve_options() | sc.http_facing_options(sc.ingress)))
     return ingress.bind(sc, model_path, llm.bind(sc.engine, model_path, sc.adapters.store_uri,
                                                  max_tokens=sc.limits.max_tokens), retriever)
 
-
-def _http_facing(sc) -> dict:
-    """Serve options of the deployment behind the HTTP proxy: unbounded Serve queue, ingress-bounded."""
-    return {"max_ongoing_requests": sc.limits.max_concurrent_requests + _CONTROL_HEADROOM, "max_queued_requests": -1}
-
-
-# Slots beyond limits.max_concurrent_requests for health, metrics and admin requests.
-_CONTROL_HEADROOM = 32

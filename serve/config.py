@@ -161,7 +161,7 @@ class DeploymentConfig(StrictModel):
     max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound (num_replicas: auto).")
     target_ongoing_requests: float = Field(16, gt=0, description="Autoscaling target of in-flight requests per replica.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica runs at once; more wait in the queue.")
-    max_queued_requests: int = Field(256, ge=-1, description="Queue bound per caller; beyond it requests get 503 + Retry-After. -1: unbounded.")
+    max_queued_requests: int = Field(256, ge=-1, description="Queue bound per caller; beyond it requests get 503 + Retry-After. -1: unbounded. The HTTP-facing deployment (Ingress, or LLMServer when fused) always runs unbounded: limits.max_concurrent_requests bounds it with an OpenAI-shaped 429.")
     num_cpus: float = Field(0, ge=0, description="CPUs reserved in Ray (0 on a 2-core box: vLLM's engine process does the work).")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (= tensor_parallel_size for the LLM deployment on GPUs).")
 
@@ -234,6 +234,8 @@ class AdapterStoreConfig(StrictModel):
     store_uri: str = Field("./data/adapters", description="Local path or file:// URI (mount object stores as a path).")
 
 
+# Slots beyond limits.max_concurrent_requests for health, metrics and admin requests.
+_CONTROL_HEADROOM = 32
 _INGRESS = {"max_ongoing_requests": 512, "max_queued_requests": 1024}
 # >= retrieval.search.batch_max_size (32), or Serve caps the embedding batches below it.
 _RETRIEVER = {"max_ongoing_requests": 128, "max_queued_requests": 512}
@@ -265,6 +267,16 @@ class ServeConfig(StrictModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     adapters: AdapterStoreConfig = Field(default_factory=AdapterStoreConfig)
+
+    def http_facing_options(self, deployment: DeploymentConfig) -> dict:
+        """Serve options of the deployment behind the HTTP proxy (Ingress, or LLMServer when fused).
+
+        Serve itself must never refuse there (its queue-full answer is a plain-text 503 without
+        Retry-After): the ingress bounds generation with its own OpenAI-shaped 429, and the
+        headroom keeps /health, /metrics and admin calls from queueing behind generation.
+        """
+        floor = self.limits.max_concurrent_requests + _CONTROL_HEADROOM
+        return {"max_ongoing_requests": max(deployment.max_ongoing_requests, floor), "max_queued_requests": -1}
 
     @model_validator(mode="before")
     @classmethod
