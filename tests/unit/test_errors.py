@@ -4,9 +4,10 @@ import json
 import pickle
 
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException
 
 from cluster.errors import InvalidRequestError, NotFoundError, OverloadedError
-from serve.errors import create_error_response, to_ragtune_error
+from serve.errors import create_error_response, to_ragtune_error, vllm_error_response
 
 
 def _body(response):
@@ -41,3 +42,52 @@ def test_unknown_exception_is_500_without_internals():
     body = _body(response)
     assert response.status_code == 500 and "secret" not in body["message"] and "req-1" in body["message"]
     assert set(body) == {"message", "type", "param", "code"}
+
+
+def test_vllm_error_response_passes_through_with_its_status():
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response as vllm_error
+    from vllm.exceptions import VLLMValidationError
+
+    answer = vllm_error(VLLMValidationError("prompt too long", parameter="input_tokens"))
+    response = vllm_error_response(answer)
+    assert response.status_code == 400 and _body(response)["param"] == "input_tokens"
+    assert set(_body(response)) == {"message", "type", "param", "code"}
+    assert vllm_error_response(object()) is None and vllm_error_response({"error": 1}) is None
+
+
+def test_vllm_dead_engine_500_becomes_a_retryable_503():
+    from http import HTTPStatus
+
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response as vllm_error
+
+    answer = vllm_error("EngineCore encountered an issue", err_type="EngineDeadError",
+                        status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
+    response = vllm_error_response(answer)
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    other = vllm_error("something broke", err_type="InternalServerError", status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
+    assert vllm_error_response(other).status_code == 500
+
+
+def test_engine_death_is_503():
+    class EngineDeadError(Exception):
+        pass
+
+    response = create_error_response(EngineDeadError("gone"))
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert _body(response)["code"] == "engine_unavailable"
+
+
+def test_http_exception_keeps_its_status_whatever_caused_it():
+    # FastAPI answers an unparsable body with HTTPException(400) raised *from* the parse error
+    # (ValueError for a 5,000-digit integer, RecursionError for deep nesting, UnicodeDecodeError).
+    for cause in (ValueError("Exceeds the limit (4300 digits)"), RecursionError("too deep"),
+                  UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")):
+        try:
+            try:
+                raise cause
+            except Exception as inner:
+                raise HTTPException(status_code=400, detail="There was an error parsing the body") from inner
+        except HTTPException as exc:
+            response = create_error_response(exc)
+        assert response.status_code == 400, (type(cause).__name__, _body(response))
+        assert _body(response)["type"] == "invalid_request_error"
