@@ -21,7 +21,9 @@ _HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "inval
 def _unwrap(exc: BaseException) -> BaseException:
     """Ray wraps replica exceptions (RayTaskError); find our typed error inside if there is one."""
     seen = 0
-    while seen < 5 and not isinstance(exc, RagtuneError):
+    # An HTTP or validation error already says what the client did wrong; what caused it
+    # (FastAPI raises its body-parse 400 `from` the ValueError) is not the answer.
+    while seen < 5 and not isinstance(exc, RagtuneError | HTTPException | RequestValidationError):
         inner = getattr(exc, "cause", None) or exc.__cause__
         if inner is None:
             break

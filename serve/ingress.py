@@ -170,6 +170,8 @@ class _BodyLimit:
 
 def _validated(model: Any, data: Any, prefix: str = "") -> Any:
     """``model.model_validate(data)`` with a 400 that names the first bad field."""
+    from vllm.exceptions import VLLMClientError
+
     try:
         if isinstance(model, type):
             return model.model_validate(data)
@@ -181,7 +183,9 @@ def _validated(model: Any, data: Any, prefix: str = "") -> Any:
         loc = ".".join(str(p) for p in first.get("loc", ()) if not str(p).startswith("function-"))
         param = f"{prefix}{loc}" if loc else prefix.rstrip(".") or None
         raise InvalidRequestError(f"{param or 'body'}: {first.get('msg')}", param=param) from None
-    except (ValueError, TypeError, OverflowError) as exc:  # validators of vLLM's models
+    except VLLMClientError as exc:  # vLLM's own validators (not ValueErrors, so pydantic passes them on)
+        raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
+    except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidRequestError(str(exc)) from None
 
 
