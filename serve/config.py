@@ -78,6 +78,9 @@ class EngineConfig(StrictModel):
                 raise ValueError(f"engine.extra_args.{name}: set engine.{_OWNED[name]} instead")
             if name not in known:
                 raise ValueError(f"engine.extra_args.{name}: not an AsyncEngineArgs or frontend field of this vLLM")
+        from serve.vllm_args import typed_sections
+
+        typed_sections(value)  # nested sections (speculative_config …) are checked now, not at engine start
         return value
 
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:

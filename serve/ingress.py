@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +30,7 @@ from cluster.errors import (
 )
 from serve.auth import Authenticator, Principal
 from serve.body import check_json_body, parse_json
+from serve.clients import HandleClient, LLMClient, LocalClient
 from serve.config import ServeConfig
 from serve.errors import create_error_response, to_ragtune_error, vllm_error_response
 from serve.metrics import Metrics
@@ -42,75 +42,6 @@ from serve.streams import Reply, StreamTap
 __all__ = ["HandleClient", "Ingress", "LLMClient", "LocalClient"]
 
 logger = logging.getLogger(__name__)
-
-
-class LLMClient(Protocol):
-    """How the ingress talks to an LLM replica (vLLM request objects in, vLLM answers out)."""
-
-    def chat(self, request: Any, route: Route) -> AsyncIterator[Any]: ...
-
-    def completions(self, request: Any, route: Route) -> AsyncIterator[Any]: ...
-
-    async def tokenize(self, request: Any, route: Route) -> Any: ...
-
-    async def detokenize(self, request: Any, route: Route) -> Any: ...
-
-    async def load_adapter(self, key: str) -> None: ...
-
-    async def engine_metrics(self) -> bytes: ...
-
-
-class HandleClient:
-    """Through a Ray Serve handle; ``multiplexed_model_id`` routes to replicas holding the adapter."""
-
-    def __init__(self, handle: Any):
-        self._handle = handle
-
-    def _to(self, route: Route | None = None, stream: bool = False):
-        return self._handle.options(stream=stream, multiplexed_model_id=(route.adapter if route else None) or "")
-
-    def chat(self, request: Any, route: Route) -> AsyncIterator[Any]:
-        return self._to(route, stream=True).chat.remote(request, route)
-
-    def completions(self, request: Any, route: Route) -> AsyncIterator[Any]:
-        return self._to(route, stream=True).completions.remote(request, route)
-
-    async def tokenize(self, request: Any, route: Route) -> Any:
-        return await self._to(route).tokenize.remote(request, route)
-
-    async def detokenize(self, request: Any, route: Route) -> Any:
-        return await self._to(route).detokenize.remote(request, route)
-
-    async def load_adapter(self, key: str) -> None:
-        await self._handle.options(multiplexed_model_id=key).get_adapter.remote(key)
-
-    async def engine_metrics(self) -> bytes:
-        return await self._to().engine_metrics.remote()
-
-
-class LocalClient:
-    """In-process (fused topology, unit tests): calls the server object directly."""
-
-    def __init__(self, server: Any):
-        self._server = server
-
-    def chat(self, request: Any, route: Route) -> AsyncIterator[Any]:
-        return self._server.chat(request, route)
-
-    def completions(self, request: Any, route: Route) -> AsyncIterator[Any]:
-        return self._server.completions(request, route)
-
-    async def tokenize(self, request: Any, route: Route) -> Any:
-        return await self._server.tokenize(request, route)
-
-    async def detokenize(self, request: Any, route: Route) -> Any:
-        return await self._server.detokenize(request, route)
-
-    async def load_adapter(self, key: str) -> None:
-        await self._server.get_adapter(key)
-
-    async def engine_metrics(self) -> bytes:
-        return self._server.engine_metrics()
 
 
 def _handle(_request: Request, exc: Exception) -> JSONResponse:
@@ -127,10 +58,11 @@ def _protocol():
     """vLLM's request models (imported lazily: the ingress module stays importable without vLLM)."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
     from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 
-    return {"chat": ChatCompletionRequest, "completion": CompletionRequest, "tokenize": TokenizeRequest,
-            "detokenize": DetokenizeRequest}
+    return {"chat": ChatCompletionRequest, "completion": CompletionRequest, "responses": ResponsesRequest,
+            "tokenize": TokenizeRequest, "detokenize": DetokenizeRequest}
 
 
 class _PromoteBody(BaseModel):
@@ -249,6 +181,10 @@ class Ingress:
         async def completions(request: Request) -> Response:
             return await self._generate("completion", request)
 
+        @app.post("/v1/responses")
+        async def responses(request: Request) -> Response:
+            return await self._generate("responses", request)
+
         @app.post("/tokenize")
         async def tokenize(request: Request) -> Response:
             return await self._tokenizer("tokenize", request)
@@ -320,11 +256,12 @@ class Ingress:
     def _check_limits(self, req: Any) -> None:
         """Operator caps, stated in the error (never a silent cut)."""
         limits = self.cfg.limits
-        asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        asked = getattr(req, "max_completion_tokens", None) or getattr(req, "max_tokens", None) \
+            or getattr(req, "max_output_tokens", None)
         if limits.max_tokens is not None and asked is not None and asked > limits.max_tokens:
             raise InvalidRequestError(f"max_tokens={asked} exceeds this server's limit of {limits.max_tokens}",
                                       param="max_tokens")
-        if (req.n or 1) > limits.max_n:
+        if (getattr(req, "n", 1) or 1) > limits.max_n:
             raise InvalidRequestError(f"n={req.n} exceeds this server's limit of {limits.max_n}", param="n")
 
     async def _read(self, request: Request) -> dict:
@@ -366,7 +303,8 @@ class Ingress:
         self._inflight += 1
         self.metrics.inflight.inc()
         try:
-            stream = (self.llm.chat if kind == "chat" else self.llm.completions)(req, route)
+            call = {"chat": self.llm.chat, "completion": self.llm.completions, "responses": self.llm.responses}[kind]
+            stream = call(req, route)
             first = await stream.__anext__()
             if not isinstance(first, Prelude):
                 reply.finish(first)  # an error before generation: right status, no stream
@@ -383,6 +321,8 @@ class Ingress:
         """RAG: fetch chunks for the request and hand their text to the replica (it fits them)."""
         if rag is None:
             return None
+        if not hasattr(req, "messages") and not hasattr(req, "prompt"):
+            raise InvalidRequestError("rag is supported on /v1/chat/completions and /v1/completions", param="rag")
         if self.retriever is None:
             raise InvalidRequestError("retrieval is not enabled on this server", param="rag")
         sources = await retrieve_context(self.retriever, rag, _query(req), principal.owner)

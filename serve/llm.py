@@ -21,6 +21,7 @@ from serve.config import EngineConfig
 from serve.context import context_block, document_block, neutralise_chat, with_context
 from serve.protocol import Prelude, Route
 from serve.registry import open_registry
+from serve.vllm_args import typed_sections
 
 __all__ = ["AdapterLoadError", "LLMServer", "build_engine", "engine_env", "frontend_args"]
 
@@ -56,37 +57,7 @@ def _engine_args(cfg: EngineConfig, model_path: str, max_tokens: int | None = No
     if max_tokens is not None:  # the operator cap is also vLLM's default for requests without max_tokens
         override = dict(kwargs.get("override_generation_config") or {})
         kwargs["override_generation_config"] = override | {"max_new_tokens": max_tokens}
-    return AsyncEngineArgs(**_typed_sections(kwargs))
-
-
-def _typed_sections(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Dict values for vLLM's nested config dataclasses (``speculative_config``,
-    ``structured_outputs_config`` …) validated into those dataclasses, as vLLM's CLI parser does."""
-    import dataclasses
-    import types
-    import typing
-
-    from pydantic import TypeAdapter, ValidationError
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    def config_type(annotation):
-        if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-            return annotation
-        if typing.get_origin(annotation) in (typing.Union, types.UnionType, typing.Annotated):
-            return next(filter(None, map(config_type, typing.get_args(annotation))), None)
-        return None
-
-    fields = {f.name: f for f in dataclasses.fields(AsyncEngineArgs)}
-    out = dict(kwargs)
-    for name, value in kwargs.items():
-        target = config_type(fields[name].type) if name in fields and isinstance(value, dict) else None
-        if target is None:
-            continue
-        try:
-            out[name] = TypeAdapter(target).validate_python(value)
-        except ValidationError as exc:
-            raise ValueError(f"engine.extra_args.{name}: {exc}") from None
-    return out
+    return AsyncEngineArgs(**typed_sections(kwargs))
 
 
 def frontend_args(cfg: EngineConfig, engine_args) -> argparse.Namespace:
@@ -191,6 +162,13 @@ class LLMServer:
         async for item in self._run(serving, serving.create_completion, request, route, self._fit_completion):
             yield item
 
+    async def responses(self, request, route: Route) -> AsyncIterator[Any]:
+        """``/v1/responses`` (stateless: vLLM's response store is off), same stream shape as :meth:`chat`."""
+        serving = self._state.openai_serving_responses
+        async for item in self._run(serving, serving.create_responses, request, route, None):
+            # vLLM's router turns Responses events into SSE; over a handle we send the strings.
+            yield _sse_event(item) if hasattr(item, "type") and not isinstance(item, Prelude) else item
+
     async def _run(self, serving, create, request, route: Route, fit) -> AsyncIterator[Any]:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.exceptions import VLLMClientError
@@ -221,6 +199,11 @@ class LLMServer:
                 yield chunk
         else:
             yield result
+
+
+def _sse_event(event: Any) -> str:
+    """One Responses API streaming event as SSE, exactly as vLLM's own router writes it."""
+    return f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
 
     def _reserve(self, request) -> int:
         """Output tokens kept free when fitting context: what the request asked for, else a share."""

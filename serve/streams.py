@@ -32,7 +32,7 @@ class StreamTap:
 
     @classmethod
     def prepare(cls, req: Any) -> StreamTap:
-        if not getattr(req, "stream", False):
+        if not getattr(req, "stream", False) or not hasattr(req, "stream_options"):  # Responses: no options
             return cls(hide_usage=False)
         options = req.stream_options
         if options is not None and options.include_usage:
@@ -90,9 +90,10 @@ class Reply:
             m.errors.labels(self.kind, str(status)).inc()
         else:
             m.e2e.labels(self.label).observe(time.perf_counter() - self.t0)
-            if self._usage:
-                m.prompt_tokens.labels(self.label).inc(self._usage.get("prompt_tokens") or 0)
-                m.completion_tokens.labels(self.label).inc(self._usage.get("completion_tokens") or 0)
+            if self._usage:  # chat/completions name them prompt/completion, Responses input/output
+                u = self._usage
+                m.prompt_tokens.labels(self.label).inc(u.get("prompt_tokens") or u.get("input_tokens") or 0)
+                m.completion_tokens.labels(self.label).inc(u.get("completion_tokens") or u.get("output_tokens") or 0)
         self._done()
 
     async def collect(self, stream: AsyncIterator[Any]) -> dict:
@@ -100,7 +101,7 @@ class Reply:
         answer = await stream.__anext__()
         if isinstance(answer, BaseException):
             raise answer
-        body = answer.model_dump()
+        body = answer.model_dump(mode="json", by_alias=True)
         if "error" in body and "choices" not in body:
             self.finish(answer)
             return body
@@ -126,6 +127,8 @@ class Reply:
         try:
             async for chunk in stream:
                 if not chunk.startswith("data: {"):
+                    if chunk.startswith("event: "):  # Responses API events
+                        self._observe()
                     yield chunk
                     continue
                 if _USAGE_CHUNK in chunk:

@@ -80,6 +80,15 @@ def test_stream_options_variants(client):
     assert all(c.usage is None for c in plain) and plain[-1].choices
 
 
+@pytest.mark.parametrize("model", MODELS_UNDER_TEST)
+def test_responses_api(client, model):
+    out = client.responses.create(model=model, input="hello there", max_output_tokens=6, temperature=0)
+    assert out.status in {"completed", "incomplete"} and out.output_text is not None
+    assert out.usage.output_tokens <= 6
+    events = [e.type for e in client.responses.create(model=model, input="hello", max_output_tokens=4, stream=True)]
+    assert events[0] == "response.created" and events[-1] in {"response.completed", "response.incomplete"}
+
+
 def test_tokenize_and_detokenize(server):
     ids = httpx.post(f"{server.url}/tokenize", json={"model": "alpha", "prompt": "hello world"},
                      headers={"Authorization": "Bearer admin-key"}).json()
