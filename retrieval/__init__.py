@@ -16,6 +16,7 @@ from retrieval.config import (
     EmbedderConfig,
     IngestConfig,
     MilvusConfig,
+    RequestLimitsConfig,
     RetrievalConfig,
     SearchConfig,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "Ingestor",
     "ItemError",
     "MilvusConfig",
+    "RequestLimitsConfig",
     "RetrievalConfig",
     "Retriever",
     "SearchConfig",

@@ -19,6 +19,7 @@ __all__ = [
     "EmbedderConfig",
     "IngestConfig",
     "MilvusConfig",
+    "RequestLimitsConfig",
     "RetrievalConfig",
     "SearchConfig",
 ]
@@ -144,11 +145,31 @@ class SearchConfig(StrictModel):
         return self
 
 
+class RequestLimitsConfig(StrictModel):
+    """Per-request bounds of the retrieval endpoints; a request beyond one is a 400 that states it."""
+
+    max_embedding_inputs: int = Field(
+        default=256, ge=1, le=100_000, description="Most inputs in one POST /v1/embeddings call."
+    )
+    max_embedding_input_chars: int = Field(
+        default=8192,
+        ge=1,
+        le=1_000_000,
+        description="Longest /v1/embeddings input, in characters (MiniLM reads only its first 256 tokens).",
+    )
+    max_documents_per_put: int = Field(
+        default=1000, ge=1, le=1_000_000, description="Most documents in one PUT /v1/collections/{c}/documents."
+    )
+
+
 class RetrievalConfig(StrictModel):
-    """Everything the retrieval component needs: embedder, chunking, Milvus, ingestion, search."""
+    """Everything the retrieval component needs: embedder, chunking, Milvus, ingestion, search, request bounds."""
 
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Embedding model.")
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Document chunking.")
     milvus: MilvusConfig = Field(default_factory=MilvusConfig, description="Vector store connection.")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingestion limits.")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Retrieval defaults and batching.")
+    requests: RequestLimitsConfig = Field(
+        default_factory=RequestLimitsConfig, description="Per-request bounds of the HTTP retrieval endpoints."
+    )

@@ -284,7 +284,8 @@ class MilvusStore:
         """Top ``top_k`` chunks of ``info`` for a query, dense or hybrid (dense + BM25, RRF).
 
         Raises:
-            InvalidRequestError: Milvus refused the client filter (the message carries its reason).
+            InvalidRequestError: The client filter is outside ``retrieval.filters``' grammar, or Milvus
+                refused it (the message carries its reason).
             NotFoundError: The collection disappeared (dropped by another process).
         """
         expr = combine_filters(eq("tenant", info.owner), filter)

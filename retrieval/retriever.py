@@ -17,6 +17,7 @@ from cluster.errors import InvalidRequestError
 from retrieval.batching import make_batcher
 from retrieval.chunking import Chunker
 from retrieval.config import RetrievalConfig
+from retrieval.filters import client_filter
 from retrieval.ingest import Ingestor, IngestSummary
 from retrieval.loaders import document_from_dict
 from retrieval.types import Chunk, ChunkStore, Document, EmbedderLike, ItemError, Mode
@@ -79,7 +80,18 @@ class Retriever:
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise InvalidRequestError("input must be a list of strings", param="input")
+        self._check_embedding_inputs(texts)
         return list(await asyncio.gather(*(self._embed_one(text) for text in texts)))
+
+    def _check_embedding_inputs(self, texts: Sequence[str]) -> None:
+        limits = self.config.requests
+        if len(texts) > limits.max_embedding_inputs:
+            raise InvalidRequestError(f"input has {len(texts)} items; this server's limit is "
+                                      f"{limits.max_embedding_inputs} per /v1/embeddings call", param="input")
+        for index, text in enumerate(texts):
+            if len(text) > limits.max_embedding_input_chars:
+                raise InvalidRequestError(f"input[{index}] has {len(text)} characters; this server's limit is "
+                                          f"{limits.max_embedding_input_chars} per input", param="input")
 
     async def retrieve(
         self,
@@ -97,15 +109,16 @@ class Retriever:
             collection: Logical collection name: the tenant's own, or a public one.
             tenant: The caller's tenant (from auth).
             top_k: Number of chunks (default ``search.default_top_k``, at most ``search.max_top_k``).
-            filter: Optional Milvus boolean expression over the chunk fields (e.g.
-                ``metadata["lang"] == "en"``), ANDed with the tenant scope.
+            filter: Optional filter in the grammar of ``retrieval.filters`` (e.g.
+                ``metadata["lang"] == "en" and chunk_index < 3``), ANDed with the tenant scope.
             mode: "dense", or "hybrid" (dense + BM25 fused with RRF); default ``search.default_mode``.
 
         Raises:
             NotFoundError: Unknown collection, or another tenant's private one.
-            InvalidRequestError: Bad query, top_k, mode or filter (with Milvus's reason).
+            InvalidRequestError: Bad query, top_k, mode or filter (naming the token and its column).
         """
         top_k, mode = self._check_request(query, top_k, mode)
+        client_filter(filter)  # a bad filter is a 400 before the lookup and the embedding (the store re-checks)
         info = await asyncio.to_thread(self.store.resolve, collection, tenant)
         vector = await self._embed_one(query)
         chunks = await asyncio.to_thread(
@@ -149,7 +162,14 @@ class Retriever:
 
         Returns:
             The ingest summary; bad items are in ``errors`` and do not stop the others.
+
+        Raises:
+            InvalidRequestError: More than ``requests.max_documents_per_put`` documents.
         """
+        limit = self.config.requests.max_documents_per_put
+        if len(documents) > limit:
+            raise InvalidRequestError(f"{len(documents)} documents in one request; this server's limit is {limit} "
+                                      "per PUT", param="documents")
         items = [self._as_item(doc, index) for index, doc in enumerate(documents)]
         return await asyncio.to_thread(
             self.ingestor.ingest, collection, tenant, items, prune=prune, public=public, progress=False

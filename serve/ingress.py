@@ -33,6 +33,7 @@ from serve.body import check_json_body, parse_json
 from serve.clients import HandleClient, LLMClient, LocalClient
 from serve.config import ServeConfig
 from serve.errors import create_error_response, to_ragtune_error, vllm_error_response
+from serve.hosts import LoopbackHostGuard
 from serve.metrics import Metrics
 from serve.protocol import Prelude, RagOptions, Route, created, new_id
 from serve.rag import RetrieverClient, add_retrieval_routes, retrieve_context
@@ -149,6 +150,7 @@ class Ingress:
         if self.retriever is not None:
             add_retrieval_routes(app, self.retriever, self._tenant)
         app.add_middleware(_BodyLimit, limit=self.cfg.limits.max_body_bytes)
+        app.add_middleware(LoopbackHostGuard, enabled=self.auth.open)  # outermost: open mode answers loopback only
         return app
 
     def _routes(self, app: FastAPI) -> None:
@@ -263,6 +265,12 @@ class Ingress:
                                       param="max_tokens")
         if (getattr(req, "n", 1) or 1) > limits.max_n:
             raise InvalidRequestError(f"n={req.n} exceeds this server's limit of {limits.max_n}", param="n")
+        # vLLM scans every stop string against the output at each step: 16 of at most 256 characters.
+        stop = getattr(req, "stop", None) or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if len(stop) > 16 or any(len(s) > 256 for s in stop):
+            raise InvalidRequestError(f"stop: at most 16 stop strings of at most 256 characters each (got {len(stop)}, "
+                                      f"longest {max(map(len, stop))})", param="stop")
 
     async def _read(self, request: Request) -> dict:
         data = parse_json(await request.body())

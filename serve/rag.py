@@ -30,7 +30,8 @@ class RetrieveRequest(_Body):
     collection: str = Field(min_length=1, max_length=255)
     query: str = Field(min_length=1)
     top_k: int | None = Field(None, ge=1)
-    filter: str | None = Field(None, max_length=4096)
+    filter: str | None = Field(None, max_length=4096, description="Filter in the grammar of retrieval.filters "
+                               "(document, source, chunk_index, metadata[\"key\"]), ANDed with the tenant scope.")
     mode: Literal["dense", "hybrid"] | None = None
 
 

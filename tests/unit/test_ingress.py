@@ -54,7 +54,8 @@ def _app(tmp_path, tiny_model, adapter_dirs, *overrides, keys=True, replica=None
     registry.register(adapter_dirs["beta"], "acme-bot", owner="acme")
     replica = replica or FakeReplica()
     ingress = Ingress(cfg.serve, str(tiny_model), LocalClient(replica), retriever)
-    return App(TestClient(ingress.build_asgi_app()), replica, registry)
+    # Loopback base URL: open mode (keys=False) answers only loopback Host headers (serve/hosts.py).
+    return App(TestClient(ingress.build_asgi_app(), base_url="http://127.0.0.1"), replica, registry)
 
 
 @pytest.fixture
