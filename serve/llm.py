@@ -201,10 +201,6 @@ class LLMServer:
             yield result
 
 
-def _sse_event(event: Any) -> str:
-    """One Responses API streaming event as SSE, exactly as vLLM's own router writes it."""
-    return f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
-
     def _reserve(self, request) -> int:
         """Output tokens kept free when fitting context: what the request asked for, else a share."""
         asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
@@ -284,3 +280,8 @@ def _sse_event(event: Any) -> str:
         engine = getattr(self, "_engine", None)
         if engine is not None and hasattr(engine, "shutdown"):
             engine.shutdown()
+
+
+def _sse_event(event: Any) -> str:
+    """One Responses API streaming event as SSE, exactly as vLLM's own router writes it."""
+    return f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
