@@ -34,7 +34,7 @@ class RagOptions(BaseModel):
 
     collection: str = Field(min_length=1, max_length=255)
     top_k: int = Field(4, ge=1, le=50)
-    filter: str | None = Field(None, max_length=4096, description="Milvus boolean expression, ANDed with the tenant filter.")
+    filter: str | None = Field(None, max_length=4096, description="Filter in ragtune's allow-listed grammar (retrieval/filters.py), ANDed with the tenant scope.")
     mode: Literal["dense", "hybrid"] = "dense"
 
 

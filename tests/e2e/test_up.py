@@ -150,9 +150,10 @@ def test_logprobs_count(client, model):
 
 def test_rag_with_structured_output(client, model):
     question = [{"role": "user", "content": "What is the internal codename of the ragtune project? Answer as JSON."}]
-    schema = {"type": "object", "properties": {"codename": {"type": "string"}}, "required": ["codename"]}
+    schema = {"type": "object", "properties": {"codename": {"type": "string", "maxLength": 40}},
+              "required": ["codename"], "additionalProperties": False}
     out = client.chat.completions.create(
-        model=model, messages=question, max_tokens=48, temperature=0,
+        model=model, messages=question, max_tokens=96, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "codename", "schema": schema}},
         extra_body={"rag": {"collection": "ragtune-docs", "top_k": 3}})
     assert "codename" in json.loads(out.choices[0].message.content)

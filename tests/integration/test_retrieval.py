@@ -116,8 +116,11 @@ def test_tenant_isolation(retriever):
     run(retriever.upsert_documents("secrets", "globex", [{"id": "g", "text": "Globex keeps its recipes here."}]))
     assert {c.document for c in run(retriever.retrieve("launch code", "secrets", "globex", top_k=10))} == {"g"}
     assert {c.document for c in run(retriever.retrieve("launch code", "secrets", "acme", top_k=10))} == {"s"}
-    # A client filter narrows but never widens the tenant scope.
-    assert run(retriever.retrieve("code", "secrets", "globex", filter='tenant == "acme"')) == []
+    # A client filter narrows but never widens the tenant scope; the tenant is not a field
+    # clients may filter on at all (it would let a caller probe who owns a public collection).
+    with pytest.raises(InvalidRequestError, match="tenant"):
+        run(retriever.retrieve("code", "secrets", "globex", filter='tenant == "acme"'))
+    assert run(retriever.retrieve("code", "secrets", "globex", filter='source != "nowhere"'))
     with pytest.raises(InvalidRequestError):
         run(retriever.retrieve("code", "secrets", "globex", filter='tenant == "acme") or (tenant != ""'))
     # Public collections: readable by all, writable by the owner only.
