@@ -144,7 +144,13 @@ class Ingress:
         app = FastAPI(title="ragtune", docs_url=None, redoc_url=None)
         # Typed and client errors are answered without a traceback in the logs; only unknown
         # exceptions reach the catch-all (Starlette re-raises those so they get logged).
-        for kind in (RagtuneError, RequestValidationError, HTTPException, json.JSONDecodeError, Exception):
+        # Ray's own errors (a full replica queue, a dead actor) are answered here too: left to the
+        # catch-all they are re-raised, and Serve replaces the answer with a plain-text 503.
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException
+
+        for kind in (RagtuneError, RequestValidationError, HTTPException, json.JSONDecodeError, RayServeException,
+                     RayError, Exception):
             app.add_exception_handler(kind, _handle)
         self._routes(app)
         if self.retriever is not None:
@@ -321,7 +327,12 @@ class Ingress:
             if req.stream:
                 return StreamingResponse(reply.sse(stream, tap), media_type="text/event-stream")
             return JSONResponse(await reply.collect(stream))
-        except BaseException as exc:
+        except Exception as exc:
+            reply.finish(exc)
+            # Typed here, not in Starlette's last-resort handler: that one re-raises, and Ray
+            # Serve then answers a downstream BackPressureError with its own plain-text 503.
+            raise to_ragtune_error(exc, route.request_id) from None
+        except BaseException as exc:  # cancelled: the client is gone
             reply.finish(exc)
             raise
 
