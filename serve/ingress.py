@@ -297,6 +297,10 @@ class Ingress:
         if self._inflight >= self.cfg.limits.max_concurrent_requests:
             self._count_failure(kind, 429)
             raise OverloadedError("Too many requests in flight; retry later.", retry_after=self.cfg.limits.retry_after_s)
+        # The slot is taken before the first await: checked and counted later, 40 requests
+        # arriving together all passed a limit of 8 (measured).
+        self._inflight += 1
+        self.metrics.inflight.inc()
         try:
             principal = self._principal(request)
             data = await self._read(request)
@@ -307,6 +311,7 @@ class Ingress:
             self._check_limits(req)
             sources = await self._retrieve(rag, req, route, principal)
         except BaseException as exc:
+            self._done()
             self._count_failure(kind, to_ragtune_error(exc).status)
             raise
         label = data["model"].partition("@")[0] if route.adapter else self.base
@@ -314,8 +319,6 @@ class Ingress:
                     bool(req.stream), rag is not None)
         reply = Reply(self.metrics, kind, label, t0, sources, self._done)
         tap = StreamTap.prepare(req)  # usage is always measured, shown only if the client asked
-        self._inflight += 1
-        self.metrics.inflight.inc()
         try:
             call = {"chat": self.llm.chat, "completion": self.llm.completions, "responses": self.llm.responses}[kind]
             stream = call(req, route)

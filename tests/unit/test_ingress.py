@@ -321,6 +321,33 @@ def test_body_limit_413(tmp_path, tiny_model, adapter_dirs):
     assert _error(r, 413)["code"] == "body_too_large"
 
 
+def test_concurrent_arrivals_cannot_all_pass_the_limit(tmp_path, tiny_model, adapter_dirs):
+    """Requests arriving together: the slot is taken before the first await (40 once passed a limit of 8)."""
+    import asyncio
+
+    import httpx
+
+    app = _app(tmp_path, tiny_model, adapter_dirs, "serve.limits.max_concurrent_requests=2",
+               replica=FakeReplica(delay_s=0.05))
+    inner = app.client.app
+
+    async def asgi(scope, receive, send):  # bodies arrive over a network: reading them yields
+        async def slow_receive():
+            await asyncio.sleep(0.01)
+            return await receive()
+
+        await inner(scope, slow_receive, send)
+
+    async def burst() -> list[int]:
+        transport = httpx.ASGITransport(app=asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=_chat(), headers=_h())
+                                             for _ in range(10)))
+        return sorted(r.status_code for r in replies)
+
+    assert asyncio.run(burst()) == [200, 200] + [429] * 8
+
+
 def test_overload_is_429_with_retry_after(tmp_path, tiny_model, adapter_dirs):
     app = _app(tmp_path, tiny_model, adapter_dirs, "serve.limits.max_concurrent_requests=1",
                replica=FakeReplica(delay_s=0.2))
