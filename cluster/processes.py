@@ -13,12 +13,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import yaml
 
-__all__ = ["RagtuneServer", "RawVLLMServer", "free_port", "stop_process"]
+__all__ = ["RagtuneServer", "RawVLLMServer", "free_port", "models_ready", "stop_process", "wait_until_ready"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,6 +41,30 @@ def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGINT, timeou
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def wait_until_ready(proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float, what: str,
+                     detail: Callable[[], str]) -> None:
+    """Poll ``ready()`` once a second; fail fast if ``proc`` exits, or after ``timeout_s``.
+
+    ``detail()`` is appended to either error (the log tail, or where the log is).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}{detail()}")
+        if ready():
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{what} not ready after {timeout_s}s{detail()}")
+
+
+def models_ready(url: str, timeout_s: float = 2) -> bool:
+    """True once ``url``/v1/models answers 200 (the OpenAI server is up)."""
+    try:
+        return httpx.get(f"{url}/v1/models", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 class RagtuneServer:
@@ -64,14 +89,8 @@ class RagtuneServer:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ragtune exited with {self.proc.returncode}:\n{self.tail()}")
-            if "is serving" in self.log_path.read_text(errors="replace"):
-                return
-            time.sleep(1)
-        raise TimeoutError(f"ragtune not ready after {self.timeout_s}s:\n{self.tail()}")
+        wait_until_ready(self.proc, lambda: "is serving" in self.log_path.read_text(errors="replace"),
+                         self.timeout_s, "ragtune", lambda: f":\n{self.tail()}")
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -104,17 +123,9 @@ class RawVLLMServer:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"raw vLLM exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"raw vLLM not ready after {self.timeout_s}s; see {self.log_path}")
+        wait_until_ready(self.proc, lambda: models_ready(self.url), self.timeout_s, "raw vLLM",
+                         lambda: f"; see {self.log_path}")
+        return self
 
     def __exit__(self, *exc) -> None:
         stop_process(self.proc, signal.SIGINT, timeout_s=60)

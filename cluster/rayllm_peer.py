@@ -45,7 +45,7 @@ from typing import Any
 
 import httpx
 
-from cluster.processes import REPO, free_port, stop_process
+from cluster.processes import REPO, free_port, stop_process, wait_until_ready
 from serve.config import EngineConfig
 
 __all__ = ["APP_NAME", "READY", "RayServeLLMServer", "llm_config", "main", "peer_env", "ray_init_kwargs",
@@ -282,14 +282,10 @@ class RayServeLLMServer:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Ray Serve LLM peer exited with {self.proc.returncode}:\n{self.tail()}")
-            if READY in self.log_path.read_text(errors="replace") and _models_ready(self.url, self.model):
-                return
-            time.sleep(1)
-        raise TimeoutError(f"Ray Serve LLM peer not ready after {self.timeout_s:.0f}s:\n{self.tail()}")
+        def ready() -> bool:
+            return READY in self.log_path.read_text(errors="replace") and _models_ready(self.url, self.model)
+
+        wait_until_ready(self.proc, ready, self.timeout_s, "Ray Serve LLM peer", lambda: f":\n{self.tail()}")
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

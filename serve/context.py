@@ -14,7 +14,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["context_block", "document_block", "neutralise", "neutralise_chat", "with_context"]
+from cluster.errors import InvalidRequestError
+
+__all__ = ["context_block", "document_block", "neutralise", "neutralise_chat", "rag_prompt", "with_context"]
 
 _JOINER = "\u2060"
 # <document>, </document>, </ DOCUMENTS >, < /document index="1"> … in any case and spacing.
@@ -74,3 +76,12 @@ def neutralise_chat(messages: list[Any], special: Sequence[str]) -> list[Any]:
             message = {**message, "content": _neutralise_content(message["content"], special)}
         out.append(message)
     return out
+
+
+def rag_prompt(prompt: Any) -> str:
+    """The one text prompt a completion with ``rag`` needs (a list of one string counts)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("rag needs a single text prompt (not token ids or a list of prompts)", param="rag")
+    return prompt

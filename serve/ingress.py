@@ -32,6 +32,7 @@ from serve.auth import Authenticator, Principal
 from serve.body import check_json_body, parse_json
 from serve.clients import HandleClient, LLMClient, LocalClient
 from serve.config import ServeConfig
+from serve.context import rag_prompt
 from serve.errors import create_error_response, to_ragtune_error, vllm_error_response
 from serve.hosts import LoopbackHostGuard
 from serve.metrics import Metrics
@@ -304,8 +305,8 @@ class Ingress:
         try:
             principal = self._principal(request)
             data = await self._read(request)
-            rag = _validated(RagOptions, data.pop("rag"), "rag.") if data.get("rag") is not None else None
-            data.pop("rag", None)
+            rag_field = data.pop("rag", None)
+            rag = _validated(RagOptions, rag_field, "rag.") if rag_field is not None else None
             route = self._route(kind, data.get("model"), principal)
             req = _validated(_protocol()[kind], data)
             self._check_limits(req)
@@ -383,11 +384,6 @@ def _query(req: Any) -> str:
     """What to search for: the last user message of a chat, or the completion prompt."""
     messages = getattr(req, "messages", None)
     if messages is None:
-        prompt = req.prompt
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise InvalidRequestError("rag needs a single text prompt (not token ids or a list of prompts)", param="rag")
-        return prompt
+        return rag_prompt(req.prompt)
     users = [_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     return users[-1] if users else _text(messages[-1].get("content") if isinstance(messages[-1], dict) else "")

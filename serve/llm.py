@@ -18,7 +18,7 @@ from typing import Any
 
 from cluster.errors import InvalidRequestError, RagtuneError
 from serve.config import EngineConfig
-from serve.context import context_block, document_block, neutralise_chat, with_context
+from serve.context import context_block, document_block, neutralise_chat, rag_prompt, with_context
 from serve.protocol import Prelude, Route
 from serve.registry import open_registry
 from serve.vllm_args import typed_sections
@@ -227,12 +227,7 @@ class LLMServer:
         return request, used
 
     async def _fit_completion(self, request, chunks: list[str]):
-        prompt = request.prompt
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise InvalidRequestError("rag needs a single text prompt (not token ids or a list of prompts)",
-                                      param="rag")
+        prompt = rag_prompt(request.prompt)
         prompt_len = len(self._tokenizer.encode(context_block(chunks, self._special) + "\n\n" + prompt))
         used = self._drop_to_fit(prompt_len, chunks, self._reserve(request))
         request.prompt = (context_block(chunks[:used], self._special) + "\n\n" if used else "") + prompt
