@@ -13,6 +13,7 @@ __all__ = [
     "InvalidRequestError",
     "NotFoundError",
     "OverloadedError",
+    "PermissionDeniedError",
     "RagtuneError",
 ]
 
@@ -53,6 +54,13 @@ class AuthenticationError(RagtuneError):
 
     status = 401
     type = "authentication_error"
+
+
+class PermissionDeniedError(RagtuneError):
+    """The caller may see the object but not change it (403): shared adapters, public collections."""
+
+    status = 403
+    type = "permission_error"
 
 
 class NotFoundError(RagtuneError):

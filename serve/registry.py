@@ -8,12 +8,27 @@ Store layout (a local folder; other URI schemes are an extension point, see ``op
 
 Clients only ever send names; the registry maps a name to a folder it owns. Every version gets
 a process-independent integer id (vLLM's ``lora_int_id``) so all replicas agree on it.
+
+**Ownership.** An adapter is a tenant's (``owner``) or shared (``owner: null``). A tenant sees its
+own and shared ones; only the owner or an admin may promote, roll back or load a tenant's adapter,
+and shared adapters are managed by admins only: another tenant's adapter is a 404 (its name does
+not leak), a shared one a 403 (:meth:`AdapterRegistry.managed`).
+
+**Crash safety.** A registration commits at one atomic step, the index write; every file is
+written as temp → fsync → ``os.replace`` → fsync of the folder (``_atomic_write``). The steps:
+copy into ``<store>/.tmp-*`` (fsync'd), allocate a lora id, rename the copy to ``<name>/v<N>``,
+write the index. A crash before the index write leaves at most a temp folder, a version folder
+the index does not list, or a skipped lora id; :meth:`AdapterRegistry.recover` (run at open and
+before every registration, under the store lock) removes the first two and keeps the id counter
+above every id in use, so the name stays usable and nothing half-registered is ever resolved.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
+import os
 import re
 import shutil
 import tempfile
@@ -23,12 +38,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.errors import ConfigError, InvalidRequestError, NotFoundError
+from cluster.errors import ConfigError, InvalidRequestError, NotFoundError, PermissionDeniedError
 
 __all__ = ["AdapterRef", "AdapterRegistry", "open_registry", "parse_model_name"]
 
+logger = logging.getLogger(__name__)
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 _INDEX = "adapter.json"
+_IDS = ".lora_ids"
+_TMP = ".tmp-"  # prefix of every temp file and folder (removed by recovery)
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]*)\Z")
 MANIFEST = "ragtune-manifest.json"
 # Module names vLLM cannot load as LoRA targets on a plain decoder (it would need embedding LoRA).
 _EMBEDDING_MODULES = {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out"}
@@ -64,7 +84,7 @@ def parse_model_name(model: str) -> tuple[str, int | None]:
 
 
 class AdapterRegistry:
-    """Adapters of one base model in a local store folder. Safe for several processes."""
+    """Adapters of one base model in a local store folder. Safe for several processes and crashes."""
 
     def __init__(self, root: str | Path, *, base_model: str, base_model_path: str | None = None,
                  max_lora_rank: int = 16):
@@ -73,6 +93,9 @@ class AdapterRegistry:
         self.base_model = base_model
         self.base_model_path = base_model_path
         self.max_lora_rank = max_lora_rank
+        with self._locked(wait=False) as held:
+            if held:  # busy: a live process is mid-write (a dead one's lock is gone); it recovers itself
+                self.recover()
 
     # ---- reading -------------------------------------------------------------------------
     def resolve(self, model: str, tenant: str | None = None) -> AdapterRef:
@@ -85,13 +108,29 @@ class AdapterRegistry:
         name, version = parse_model_name(model)
         index = self._read_index(name) if _NAME.match(name) else None
         if index is None or not _visible(index, tenant):
-            raise NotFoundError(f"The model `{model}` does not exist.", param="model", code="model_not_found")
+            raise _not_found(model)
         if version is None:
             version = index["promoted"]
         entry = index["versions"].get(str(version))
         if version is None or entry is None:
-            raise NotFoundError(f"The model `{model}` does not exist.", param="model", code="model_not_found")
+            raise _not_found(model)
         return AdapterRef(name, version, str(self._dir(name, version)), entry["lora_id"], index["owner"])
+
+    def managed(self, model: str, tenant: str | None = None) -> AdapterRef:
+        """:meth:`resolve` for a management act (promote, roll back, load into replicas).
+
+        ``tenant=None`` (an admin) may manage every adapter; a tenant only its own.
+
+        Raises:
+            NotFoundError: Unknown, or another tenant's adapter (the name does not leak).
+            PermissionDeniedError: A shared adapter and ``tenant`` is not an admin.
+        """
+        ref = self.resolve(model, tenant)
+        if tenant is not None and ref.owner != tenant:  # visible but not its own: shared
+            raise PermissionDeniedError(
+                f"adapter {ref.name!r} is shared: only an admin may promote, roll back or load it",
+                param="model", code="adapter_shared")
+        return ref
 
     def list(self, tenant: str | None = None) -> list[dict]:
         """Every adapter ``tenant`` may see, with versions and the promoted one."""
@@ -113,7 +152,8 @@ class AdapterRegistry:
         """Validate the PEFT folder ``src`` and copy it in as the next version of ``name``.
 
         The first version of a name is promoted automatically (``promote=None``); pass
-        ``promote=True/False`` to decide explicitly.
+        ``promote=True/False`` to decide explicitly. The version exists once the index lists it;
+        a crash before that leaves nothing that resolves (see the module docstring).
         """
         if not _NAME.match(name) or name == self.base_model:
             raise InvalidRequestError(
@@ -122,29 +162,32 @@ class AdapterRegistry:
             )
         config = self.validate(src)
         with self._locked():
+            self.recover()
             index = self._read_index(name) or {
                 "name": name, "owner": owner, "promoted": None, "versions": {}, "history": []
             }
             if index["owner"] != owner:
                 raise InvalidRequestError(f"adapter {name!r} belongs to another owner", param="name")
             version = 1 + max((int(v) for v in index["versions"]), default=0)
-            dest = self._dir(name, version)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
             info = {"name": name, "version": version, "base_model": self.base_model, "rank": config["r"],
                     "created_at": time.time(), **(manifest or {})}
-            (tmp / MANIFEST).write_text(json.dumps(info, indent=2, default=str))
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp.rename(dest)
-            index["versions"][str(version)] = {"lora_id": self._next_lora_id(), "created_at": info["created_at"]}
-            if promote or (promote is None and index["promoted"] is None):
-                _promote(index, version)
-            self._write_index(name, index)
+            try:
+                staged = self._stage(src, info)
+                lora_id = self._next_lora_id()
+                self._commit_folder(staged, self._dir(name, version))
+                index["versions"][str(version)] = {"lora_id": lora_id, "created_at": info["created_at"]}
+                if promote or (promote is None and index["promoted"] is None):
+                    _promote(index, version)
+                self._write_index(name, index)  # the commit point
+            except Exception:  # a failed step (disk full, …): undo it now, not at the next open
+                self.recover()
+                raise
+        logger.info("adapter %s@%d registered (lora_id=%d, owner=%s)", name, version, lora_id, owner or "shared")
         return self.resolve(f"{name}@{version}")
 
     def promote(self, name: str, version: int, tenant: str | None = None) -> AdapterRef:
-        """Make ``name@version`` what the bare ``name`` resolves to."""
-        self.resolve(f"{name}@{version}", tenant)  # existence + visibility
+        """Make ``name@version`` what the bare ``name`` resolves to (owner or admin, see :meth:`managed`)."""
+        self.managed(f"{name}@{version}", tenant)
         with self._locked():
             index = self._read_index(name)
             _promote(index, version)
@@ -152,8 +195,8 @@ class AdapterRegistry:
         return self.resolve(name, tenant)
 
     def rollback(self, name: str, tenant: str | None = None) -> AdapterRef:
-        """Return ``name`` to the version promoted before the current one."""
-        self.resolve(name, tenant)
+        """Return ``name`` to the version promoted before the current one (owner or admin)."""
+        self.managed(name, tenant)
         with self._locked():
             index = self._read_index(name)
             if len(index["history"]) < 2:
@@ -162,6 +205,99 @@ class AdapterRegistry:
             index["promoted"] = index["history"][-1]
             self._write_index(name, index)
         return self.resolve(name, tenant)
+
+    # ---- recovery ------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Undo half-finished registrations; returns what was removed (store-relative paths).
+
+        Call with the store lock held (``__init__`` and :meth:`register` do). Removes temp files
+        and folders, version folders the index does not list (a crash between the rename and the
+        index write: the registration never committed, so its version number is reused), and
+        name folders left with nothing; raises the lora id counter above every id in use.
+        """
+        removed: list[str] = []
+        highest = 0
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(_TMP):
+                removed.append(_remove(entry, self.root))
+            elif entry.is_dir() and _NAME.match(entry.name):
+                removed += self._recover_name(entry)
+                index = self._read_index(entry.name)
+                if index is not None:
+                    highest = max([highest, *(v["lora_id"] for v in index["versions"].values())])
+        if highest > self._read_lora_id():
+            self._write_lora_id(highest)
+            removed.append(f"{_IDS} raised to {highest}")
+        if removed:
+            logger.warning("adapter store %s: recovered from an interrupted write: %s", self.root, removed)
+        return removed
+
+    def _recover_name(self, folder: Path) -> list[str]:
+        index = self._read_index(folder.name)
+        listed = set(index["versions"]) if index else set()
+        removed = []
+        for entry in sorted(folder.iterdir()):
+            match = _VERSION_DIR.match(entry.name)
+            if entry.name.startswith(_TMP) or (match and match.group(1) not in listed):
+                removed.append(_remove(entry, self.root))
+        if index is None and not any(folder.iterdir()):
+            folder.rmdir()
+            _fsync_dir(self.root)
+            removed.append(folder.name)
+        return removed
+
+    # ---- storage -------------------------------------------------------------------------
+    def _dir(self, name: str, version: int) -> Path:
+        return self.root / name / f"v{version}"
+
+    def _read_index(self, name: str) -> dict | None:
+        path = self.root / name / _INDEX
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _write_index(self, name: str, index: dict) -> None:
+        _atomic_write(self.root / name / _INDEX, json.dumps(index, indent=2))
+
+    def _stage(self, src: str | Path, info: dict) -> Path:
+        """Copy ``src`` and its manifest into a temp folder of the store, durably (fsync'd)."""
+        tmp = Path(tempfile.mkdtemp(prefix=_TMP, dir=self.root))
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=2, default=str))
+        _fsync_tree(tmp)
+        return tmp
+
+    def _commit_folder(self, staged: Path, dest: Path) -> None:
+        """Rename the staged copy to its version folder (atomic) and make the rename durable."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(self.root)  # a new name folder's entry in the store
+        os.rename(staged, dest)
+        _fsync_dir(dest.parent)
+        _fsync_dir(self.root)
+
+    def _read_lora_id(self) -> int:
+        counter = self.root / _IDS
+        return int(counter.read_text()) if counter.exists() else 0
+
+    def _write_lora_id(self, value: int) -> None:
+        _atomic_write(self.root / _IDS, str(value))
+
+    def _next_lora_id(self) -> int:
+        value = self._read_lora_id() + 1
+        self._write_lora_id(value)
+        return value
+
+    @contextmanager
+    def _locked(self, wait: bool = True) -> Iterator[bool]:
+        """The store's write lock (flock: released by the kernel if the holder dies)."""
+        with open(self.root / ".lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     # ---- validation ----------------------------------------------------------------------
     def validate(self, src: str | Path) -> dict:
@@ -198,38 +334,55 @@ class AdapterRegistry:
         if self.base_model_path and Path(self.base_model_path, "config.json").is_file():
             _check_shapes(src, json.loads(Path(self.base_model_path, "config.json").read_text()))
 
-    # ---- storage -------------------------------------------------------------------------
-    def _dir(self, name: str, version: int) -> Path:
-        return self.root / name / f"v{version}"
-
-    def _read_index(self, name: str) -> dict | None:
-        path = self.root / name / _INDEX
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def _write_index(self, name: str, index: dict) -> None:
-        path = self.root / name / _INDEX
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index, indent=2))
-        tmp.replace(path)  # atomic: readers never see half a file
-
-    def _next_lora_id(self) -> int:
-        counter = self.root / ".lora_ids"
-        value = int(counter.read_text()) + 1 if counter.exists() else 1
-        counter.write_text(str(value))
-        return value
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.root / ".lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
 
 def _visible(index: dict, tenant: str | None) -> bool:
     return tenant is None or index["owner"] in (None, tenant)
+
+
+def _not_found(model: str) -> NotFoundError:
+    return NotFoundError(f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every folder bottom-up (their entries)."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(folder))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers and crashes see the old or the new file, whole.
+
+    Hand-written (a few lines) rather than a dependency: temp file in the same folder, fsync,
+    ``os.replace``, fsync of the folder so the rename itself survives a power cut.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _remove(path: Path, root: Path) -> str:
+    """Delete a leftover file or folder; rmtree is re-run by the next recovery if it is cut short."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    _fsync_dir(path.parent)
+    return str(path.relative_to(root))
 
 
 def _promote(index: dict, version: int) -> None:
