@@ -211,11 +211,13 @@ def build_parser(lifecycle: _BenchLifecycle | None = None) -> argparse.ArgumentP
     p.set_defaults(func=cmd_adapters)
 
     _add_loadtests(sub, lifecycle or _BenchLifecycle())
+    from cluster.evals.cli import add_cli as add_eval_cli
     from cluster.k8s_render import add_cli as add_render_cli
     from train.cli import add_cli as add_train_cli
 
     add_render_cli(sub)
     add_train_cli(sub)
+    add_eval_cli(sub)
     return parser
 
 
