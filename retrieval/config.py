@@ -20,6 +20,7 @@ __all__ = [
     "IngestConfig",
     "MilvusConfig",
     "RequestLimitsConfig",
+    "RerankConfig",
     "RetrievalConfig",
     "SearchConfig",
 ]
@@ -40,6 +41,18 @@ class EmbedderConfig(StrictModel):
         default="auto", description="Torch device; 'auto' picks CUDA when available, else CPU."
     )
     batch_size: int = Field(default=64, ge=1, le=4096, description="Texts per forward pass when encoding.")
+    query_prompt: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Text put before every query (e5: 'query: '). None = the model's sentence-transformers "
+        "config (prompts.query), else the known e5/bge/nomic prompt for the model name, else none; '' = none.",
+    )
+    document_prompt: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Text put before every chunk embedded at ingest (e5: 'passage: '). None = the model's "
+        "config (prompts.document/passage), else the known family prompt, else none; '' = none.",
+    )
 
 
 class ChunkingConfig(StrictModel):
@@ -55,7 +68,14 @@ class ChunkingConfig(StrictModel):
         le=16_000,
         description="Window length in `unit`s. 800 chars is ~200 MiniLM tokens, under its 256-token limit.",
     )
-    overlap: int = Field(default=120, ge=0, description="Units shared by consecutive windows; < size.")
+    overlap: int = Field(
+        default=120, ge=0, description="Units shared by consecutive pieces of a block longer than size; < size."
+    )
+    heading_context: bool = Field(
+        default=True,
+        description="Start each chunk that does not begin at its own heading with its heading path "
+        "('Handbook › Refunds'), so embedding and BM25 see its section; counted in size.",
+    )
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> ChunkingConfig:
@@ -117,6 +137,30 @@ class IngestConfig(StrictModel):
         default=256, ge=1, le=100_000, description="Chunks embedded and upserted together (whole documents)."
     )
     show_progress: bool = Field(default=True, description="Show a tqdm progress bar (chunks) on stderr.")
+    max_file_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        le=1 << 40,
+        description="Files larger than this (bytes) are reported and not read (PDF, Office, HTML, text).",
+    )
+
+
+class RerankConfig(StrictModel):
+    """Optional cross-encoder reranking of the fused candidates (off unless ``model`` is set)."""
+
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="sentence-transformers CrossEncoder name or local path; None = no reranking.",
+    )
+    candidates: int = Field(
+        default=20, ge=1, le=1000, description="Candidates fetched (dense or hybrid) and rescored; >= top_k used."
+    )
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Query-chunk pairs per forward pass.")
+    max_length: int | None = Field(
+        default=None, ge=8, le=8192, description="Tokens per pair read by the cross-encoder; None = the model's."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Torch device.")
 
 
 class SearchConfig(StrictModel):
@@ -170,6 +214,7 @@ class RetrievalConfig(StrictModel):
     milvus: MilvusConfig = Field(default_factory=MilvusConfig, description="Vector store connection.")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingestion limits.")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Retrieval defaults and batching.")
+    rerank: RerankConfig = Field(default_factory=RerankConfig, description="Optional cross-encoder reranking.")
     requests: RequestLimitsConfig = Field(
         default_factory=RequestLimitsConfig, description="Per-request bounds of the HTTP retrieval endpoints."
     )

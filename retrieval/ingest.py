@@ -56,7 +56,9 @@ class IngestSummary:
     """What one ingest did. ``failed == len(errors)``; ``chunks`` counts chunks written.
 
     ``prune_skipped`` is True when ``prune`` was asked for but some failed item had no known
-    document id (e.g. an unparsable ``.jsonl`` line), so nothing was pruned.
+    document id (e.g. an unparsable ``.jsonl`` line), so nothing was pruned. ``skipped_files``
+    lists files that are no document (unsupported type) with the reason: with ``errors`` and the
+    counts, every file under an ingested folder is accounted for.
     """
 
     collection: str
@@ -69,11 +71,18 @@ class IngestSummary:
     seconds: float = 0.0
     errors: list[ItemError] = field(default_factory=list)
     prune_skipped: bool = False
+    skipped: int = 0
+    skipped_files: list[ItemError] = field(default_factory=list)
 
     def fail(self, error: ItemError) -> None:
         """Record one failed item."""
         self.errors.append(error)
         self.failed += 1
+
+    def skip(self, error: ItemError) -> None:
+        """Record one file that is not a document (unsupported type): listed, not failed."""
+        self.skipped_files.append(error)
+        self.skipped += 1
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (errors as ``{"item", "reason", "doc_id"}``)."""
@@ -86,6 +95,7 @@ class _Pending:
     hash: str
     update: bool
     chunks: list[str]
+    metadata: list[dict]  # per chunk: the document's metadata + span, headings, page
 
 
 def content_hash(doc: Document, fingerprint: str) -> str:
@@ -150,8 +160,8 @@ class Ingestor:
         self, collection: str, tenant: str, paths: Iterable[str | Path], *, prune: bool = False,
         public: bool | None = None, progress: bool | None = None,
     ) -> IngestSummary:
-        """Ingest files and folders (``.md``, ``.txt``, ``.jsonl``); see :meth:`ingest`."""
-        items = load_paths(paths, max_chars=self.config.max_document_chars)
+        """Ingest files and folders (Markdown, text, JSON Lines, PDF, HTML, Office); see :meth:`ingest`."""
+        items = load_paths(paths, max_chars=self.config.max_document_chars, max_bytes=self.config.max_file_bytes)
         return self.ingest(collection, tenant, items, prune=prune, public=public, progress=progress)
 
     def ingest(
@@ -223,6 +233,10 @@ class Ingestor:
         docs: list[Document] = []
         seen: set[str] = set()
         for item in items:
+            if isinstance(item, ItemError) and item.skipped:
+                summary.skip(item)
+                seen.update([item.doc_id] if item.doc_id else [])
+                continue
             if isinstance(item, ItemError):
                 summary.fail(item)
                 seen.update([item.doc_id] if item.doc_id else [])
@@ -247,13 +261,16 @@ class Ingestor:
             if existing.get(doc.id) == digest:
                 summary.unchanged += 1
                 continue
-            chunks = self.chunker.split(doc.text)
+            pieces = self.chunker.split_document(doc.text, doc.metadata)
+            chunks = [piece.text for piece in pieces]
             too_big = next((len(c.encode("utf-8")) for c in chunks if len(c.encode("utf-8")) > MAX_CHUNK_TEXT_BYTES), 0)
             if too_big:
                 reason = f"a chunk is {too_big} bytes of UTF-8 (limit {MAX_CHUNK_TEXT_BYTES}); lower chunking.size"
                 summary.fail(ItemError(doc.origin or doc.id, reason, doc.id))
                 continue
-            pending.append(_Pending(doc, digest, doc.id in existing, chunks))
+            # Each chunk's span, heading path and page ride in its metadata (returned in `sources`).
+            metadata = [{**doc.metadata, **piece.metadata} for piece in pieces]
+            pending.append(_Pending(doc, digest, doc.id in existing, chunks, metadata))
         return pending
 
     def _prune(self, info: CollectionInfo, existing: dict[str, str], seen: set[str], summary: IngestSummary) -> None:
@@ -293,7 +310,7 @@ class Ingestor:
         for p in group:
             for index, text in enumerate(p.chunks):
                 records.append(ChunkRecord(chunk_id(p.doc.id, index), p.doc.id, index, text, p.doc.source,
-                                           p.doc.metadata, p.hash, vectors[offset + index]))
+                                           p.metadata[index], p.hash, vectors[offset + index]))
             offset += len(p.chunks)
         self.store.upsert_chunks(info, records)
         # Only after the new version is written: drop the old version's leftover chunks.

@@ -1,10 +1,18 @@
-"""Turn files and request payloads into Documents, reporting bad items instead of raising.
+"""Turn files and request payloads into Documents, reporting every file that is not one.
 
-Supported: ``.md``/``.markdown``/``.txt`` (one document per file; id = path relative to the
-folder given, so ids are stable wherever the folder lives) and ``.jsonl`` (one document per
-line: ``id``, ``text``, optional ``source`` and ``metadata``; other keys join the metadata).
-PDF is not supported: no PDF text extractor (pypdf, pdfminer.six, PyMuPDF) is installed, so a
-``.pdf`` file is reported with that reason.
+One loader interface for every format: ``load_file(path, doc_id, ...)`` yields Documents and
+ItemErrors. Formats (see ``retrieval.converters`` for the libraries and why):
+
+* ``.md``/``.markdown``/``.txt``: one document per file (UTF-8);
+* ``.jsonl``: one document per line (``id``, ``text``, optional ``source`` and ``metadata``; other keys
+  join the metadata);
+* ``.pdf`` (pypdf; pages and headings kept), ``.html``/``.htm`` (trafilatura), ``.docx``/``.pptx``/
+  ``.xlsx`` (markitdown, the ``office`` extra): one document per file, converted to Markdown.
+
+A file's id is its path relative to the folder given (stable wherever the folder lives). Every file
+under a folder is yielded: an unknown extension is a *skipped* ItemError naming the supported ones;
+zero-byte, oversized, unreadable, encrypted, corrupt and text-less (scanned) files are failed
+ItemErrors with the reason. Hidden files and folders are not walked.
 """
 
 from __future__ import annotations
@@ -15,9 +23,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from retrieval.converters import OFFICE_SUFFIXES, ConversionError, convert_html, convert_office, convert_pdf
 from retrieval.types import Document, ItemError
 
 __all__ = [
+    "HTML_SUFFIXES",
     "SUPPORTED_SUFFIXES",
     "document_from_dict",
     "iter_files",
@@ -29,13 +39,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = frozenset({".md", ".markdown", ".txt"})
-SUPPORTED_SUFFIXES = TEXT_SUFFIXES | {".jsonl"}
-# Walked too, only so that they are reported rather than silently skipped.
-_REPORTED_SUFFIXES = SUPPORTED_SUFFIXES | {".pdf"}
-_PDF_REASON = (
-    "PDF is not supported in this installation (no PDF text extractor such as pypdf is installed); "
-    "convert it to .txt or .md"
-)
+HTML_SUFFIXES = frozenset({".html", ".htm"})
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | OFFICE_SUFFIXES | {".jsonl", ".pdf"}
 # UTF-8 takes at most 4 bytes per character: a file larger than this cannot be under the limit.
 _MAX_BYTES_PER_CHAR = 4
 
@@ -111,46 +116,76 @@ def parse_jsonl(data: bytes, origin: str, default_source: str | None = None) -> 
             yield ItemError(where, str(exc))
 
 
-def load_file(path: Path, doc_id: str, *, max_chars: int) -> Iterator[Loaded]:
+def load_file(path: Path, doc_id: str, *, max_chars: int, max_bytes: int | None = None) -> Iterator[Loaded]:
     """Load one file as Documents; problems become ItemErrors naming the path.
 
     Args:
         path: The file.
         doc_id: Id for a single-document file (ignored for ``.jsonl``, whose lines carry ids).
-        max_chars: Largest accepted document; bigger files are refused before being read whole.
+        max_chars: Largest accepted document; bigger text files are refused before being read whole.
+        max_bytes: Largest file read at all (any format); None = no limit beyond ``max_chars``.
     """
     suffix = path.suffix.lower()
-    if suffix == ".pdf":
-        yield ItemError(str(path), _PDF_REASON, doc_id)
-        return
     if suffix not in SUPPORTED_SUFFIXES:
-        yield ItemError(str(path), f"unsupported file type {suffix or '(none)'!r}", doc_id)
+        kinds = " ".join(sorted(SUPPORTED_SUFFIXES))
+        yield ItemError(str(path), f"unsupported file type {suffix or '(none)'!r} (supported: {kinds})", doc_id,
+                        skipped=True)
         return
     try:
-        size = path.stat().st_size
-        if suffix in TEXT_SUFFIXES and size > max_chars * _MAX_BYTES_PER_CHAR:
-            yield ItemError(str(path), f"document too large: {size} bytes (limit {max_chars} characters)", doc_id)
-            return
-        data = path.read_bytes()
-    except OSError as exc:
-        yield ItemError(str(path), f"cannot read: {exc.strerror or exc}", doc_id)
+        data = _read(path, suffix, max_chars, max_bytes)
+    except _Refused as exc:
+        yield ItemError(str(path), str(exc), doc_id)
         return
     if suffix == ".jsonl":
         yield from parse_jsonl(data, str(path), default_source=doc_id)
         return
     try:
-        text = _decode(data)
+        text, metadata = _convert(data, suffix)
     except UnicodeDecodeError as exc:
         yield ItemError(str(path), _utf8_reason(exc), doc_id)
         return
-    yield Document(id=doc_id, text=text, source=doc_id, metadata={"format": suffix[1:]}, origin=str(path))
+    except ConversionError as exc:
+        yield ItemError(str(path), str(exc), doc_id)
+        return
+    yield Document(id=doc_id, text=text, source=doc_id, metadata=metadata, origin=str(path))
+
+
+class _Refused(Exception):
+    pass
+
+
+def _read(path: Path, suffix: str, max_chars: int, max_bytes: int | None) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise _Refused("empty file (0 bytes)")
+        if max_bytes is not None and size > max_bytes:
+            raise _Refused(f"file too large: {size} bytes (limit {max_bytes}, ingest.max_file_bytes)")
+        if suffix in TEXT_SUFFIXES and size > max_chars * _MAX_BYTES_PER_CHAR:
+            raise _Refused(f"document too large: {size} bytes (limit {max_chars} characters)")
+        return path.read_bytes()
+    except OSError as exc:
+        raise _Refused(f"cannot read: {exc.strerror or exc}") from exc
+
+
+def _convert(data: bytes, suffix: str) -> tuple[str, dict[str, Any]]:
+    """Text and metadata of a single-document file; ConversionError/UnicodeDecodeError say why not."""
+    if suffix in TEXT_SUFFIXES:
+        return _decode(data), {"format": "md" if suffix == ".markdown" else suffix[1:]}
+    if suffix == ".pdf":
+        converted = convert_pdf(data)
+    elif suffix in HTML_SUFFIXES:
+        converted = convert_html(data)
+    else:
+        converted = convert_office(data, suffix)
+    return converted.text, converted.metadata
 
 
 def iter_files(root: Path) -> Iterator[tuple[Path, str]]:
-    """``(path, doc_id)`` for every supported (or reported) file under ``root``, sorted.
+    """``(path, doc_id)`` for every file under ``root`` (unsupported ones too, to be reported), sorted.
 
     A file given directly gets its name as id; files in a folder get their path relative to it.
-    Hidden files and folders are skipped.
+    Hidden files and folders are not walked.
     """
     if root.is_file():
         yield root, root.name
@@ -159,16 +194,16 @@ def iter_files(root: Path) -> Iterator[tuple[Path, str]]:
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
-        if path.suffix.lower() in _REPORTED_SUFFIXES:
-            yield path, rel.as_posix()
+        yield path, rel.as_posix()
 
 
-def load_paths(paths: Iterable[str | Path], *, max_chars: int) -> Iterator[Loaded]:
+def load_paths(paths: Iterable[str | Path], *, max_chars: int, max_bytes: int | None = None) -> Iterator[Loaded]:
     """Documents (and ItemErrors) from files and folders, in a stable order.
 
     Args:
         paths: Files or folders (walked recursively).
         max_chars: Largest accepted document, in characters.
+        max_bytes: Largest file read, in bytes (None = no limit of its own).
     """
     for raw in paths:
         root = Path(raw)
@@ -176,4 +211,4 @@ def load_paths(paths: Iterable[str | Path], *, max_chars: int) -> Iterator[Loade
             yield ItemError(str(root), "no such file or directory")
             continue
         for path, doc_id in iter_files(root):
-            yield from load_file(path, doc_id, max_chars=max_chars)
+            yield from load_file(path, doc_id, max_chars=max_chars, max_bytes=max_bytes)

@@ -82,11 +82,16 @@ class Document:
 
 @dataclass(frozen=True)
 class ItemError:
-    """Why one input item (file, line, request item) was not ingested."""
+    """Why one input item (file, line, request item) was not ingested.
+
+    ``skipped`` marks a file that is not a document at all (unsupported type): listed in the
+    summary's ``skipped_files``, not counted as failed.
+    """
 
     item: str
     reason: str
     doc_id: str | None = None
+    skipped: bool = False
 
 
 @dataclass(frozen=True)

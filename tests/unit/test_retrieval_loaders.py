@@ -6,8 +6,11 @@ import json
 
 import pytest
 
+from retrieval.chunking import Chunker
+from retrieval.config import ChunkingConfig
 from retrieval.loaders import document_from_dict, load_paths, parse_jsonl
 from retrieval.types import Document, ItemError
+from tests import documents
 
 
 def load(*paths, max_chars=10_000):
@@ -23,8 +26,10 @@ def test_folder_of_md_txt_jsonl(tmp_path):
     (tmp_path / ".hidden.md").write_text("secret", encoding="utf-8")
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
     items = load(tmp_path)
-    assert all(isinstance(i, Document) for i in items)
-    by_id = {d.id: d for d in items}
+    [png] = [i for i in items if isinstance(i, ItemError)]
+    assert png.skipped and png.doc_id == "image.png" and "unsupported file type '.png'" in png.reason
+    assert ".pdf" in png.reason  # names what is supported
+    by_id = {d.id: d for d in items if isinstance(d, Document)}
     assert set(by_id) == {"guide/a.md", "b.txt", "c1", "2"}
     assert by_id["guide/a.md"].text == "# A\nalpha" and by_id["guide/a.md"].source == "guide/a.md"
     assert by_id["c1"].metadata == {"lang": "en", "team": "x"}
@@ -49,10 +54,89 @@ def test_non_utf8_file_is_reported_with_path_and_position(tmp_path):
     assert [i.id for i in items if isinstance(i, Document)] == ["good.txt"]
 
 
-def test_pdf_is_reported_unsupported(tmp_path):
-    (tmp_path / "paper.pdf").write_bytes(b"%PDF-1.7")
+def test_pdf_pages_headings_and_title(tmp_path):
+    [doc] = load(documents.write_pdf(tmp_path / "manual.pdf"))
+    assert doc.id == "manual.pdf" and doc.metadata == {"format": "pdf", "pages": 2, "title": "Staff handbook"}
+    first, second = doc.text.split("\f")
+    assert "# Handbook" in first and "## Shipping" in first and "Parcels leave" in first
+    assert "## Refunds" in second and documents.PDF_FACT in second
+
+
+@pytest.mark.parametrize("outline", [True, False])
+def test_pdf_chunks_carry_page_and_heading_path(tmp_path, outline):
+    """With bookmarks, or (outline=False) from font sizes alone, across the page break."""
+    [doc] = load(documents.write_pdf(tmp_path / "manual.pdf", outline=outline))
+    chunks = Chunker(ChunkingConfig(size=400, overlap=40)).split_document(doc.text, doc.metadata)
+    [fact] = [c for c in chunks if documents.PDF_FACT in c.text]
+    assert fact.metadata["page"] == 2 and fact.metadata["headings"] == ["Handbook", "Refunds"]
+    assert doc.text[fact.start:fact.end] in fact.text
+    assert {c.metadata["page"] for c in chunks} == {1, 2}
+
+
+def test_html_main_text_without_navigation_or_scripts(tmp_path):
+    [doc] = load(documents.write_html(tmp_path / "choir.html"))
+    assert doc.metadata["format"] == "html" and doc.metadata["title"]
+    assert documents.HTML_FACT in doc.text and "## Rehearsals" in doc.text
+    for boilerplate in ("Shop menu item", "NAVSCRIPT", "Copyright footer", "color: #333"):
+        assert boilerplate not in doc.text, boilerplate
+    assert "| Student | 5 EUR |" in doc.text  # the table, as a Markdown table
+
+
+def test_docx_headings_and_table(tmp_path):
+    [doc] = load(documents.write_docx(tmp_path / "report.docx"))
+    assert doc.metadata["format"] == "docx"
+    assert "# Annual report" in doc.text and "## Regions" in doc.text and documents.DOCX_FACT in doc.text
+    assert "| North | 17% |" in doc.text
+
+
+def test_pptx_slides_are_pages_and_xlsx_sheets_are_tables(tmp_path):
+    deck, sheet = load(documents.write_pptx(tmp_path / "deck.pptx"), documents.write_xlsx(tmp_path / "stock.xlsx"))
+    chunks = Chunker(ChunkingConfig(size=400, overlap=40)).split_document(deck.text, deck.metadata)
+    [budget] = [c for c in chunks if "4200 EUR" in c.text]
+    assert budget.metadata["page"] == 2 and budget.metadata["headings"] == ["Budget"]
+    assert "## Stock" in sheet.text and "| Pens | 120 |" in sheet.text
+
+
+@pytest.mark.parametrize(
+    ("write", "reason"),
+    [
+        (documents.write_blank_pdf, "PDF has no text layer (2 pages"),
+        (documents.write_encrypted_pdf, "encrypted PDF"),
+        (lambda p: p.write_bytes(b"%PDF-1.7\n garbage") and p, "corrupt PDF"),
+        (lambda p: p.write_bytes(b"") and p, "empty file (0 bytes)"),
+    ],
+    ids=["scanned", "encrypted", "corrupt", "zero-byte"],
+)
+def test_bad_pdfs_are_reported_with_reason(tmp_path, write, reason):
+    write(tmp_path / "bad.pdf")
+    (tmp_path / "good.md").write_text("# Fine\n\ntext", encoding="utf-8")
+    items = load(tmp_path)
+    [error] = [i for i in items if isinstance(i, ItemError)]
+    assert error.item.endswith("bad.pdf") and error.doc_id == "bad.pdf" and not error.skipped
+    assert reason in error.reason, error.reason
+    assert [i.id for i in items if isinstance(i, Document)] == ["good.md"]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("empty.html", b"<html><head><script>x()</script></head><body><nav>Home</nav></body></html>",
+         "HTML page has no main text"),
+        ("bad.docx", b"PK\x03\x04 not really a zip", "corrupt or unreadable DOCX"),
+        ("locked.docx", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\0" * 100, "encrypted Office file"),
+        ("bad.xlsx", b"plain text", "corrupt or unreadable XLSX"),
+    ],
+)
+def test_bad_html_and_office_files_are_reported(tmp_path, name, data, reason):
+    (tmp_path / name).write_bytes(data)
     [error] = load(tmp_path)
-    assert isinstance(error, ItemError) and "PDF is not supported" in error.reason
+    assert isinstance(error, ItemError) and reason in error.reason and error.doc_id == name
+
+
+def test_huge_file_refused_by_size_before_reading(tmp_path):
+    documents.write_pdf(tmp_path / "manual.pdf")
+    [error] = list(load_paths([tmp_path], max_chars=10_000, max_bytes=100))
+    assert "file too large" in error.reason and "ingest.max_file_bytes" in error.reason
 
 
 def test_oversized_file_refused_before_reading(tmp_path):
