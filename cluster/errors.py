@@ -49,18 +49,22 @@ class InvalidRequestError(RagtuneError):
     type = "invalid_request_error"
 
 
+class PermissionDeniedError(InvalidRequestError):
+    """The caller may see the object but not change it (403): shared adapters, public collections.
+
+    A refused request like any 400 (callers that catch InvalidRequestError keep working); only
+    the status and type differ.
+    """
+
+    status = 403
+    type = "permission_error"
+
+
 class AuthenticationError(RagtuneError):
     """Missing or bad API key (401)."""
 
     status = 401
     type = "authentication_error"
-
-
-class PermissionDeniedError(RagtuneError):
-    """The caller may see the object but not change it (403): shared adapters, public collections."""
-
-    status = 403
-    type = "permission_error"
 
 
 class NotFoundError(RagtuneError):

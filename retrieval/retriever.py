@@ -13,13 +13,14 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cluster.errors import InvalidRequestError
+from cluster.errors import InvalidRequestError, NotFoundError
 from retrieval.batching import make_batcher
 from retrieval.chunking import Chunker
 from retrieval.config import RetrievalConfig
 from retrieval.filters import client_filter
 from retrieval.ingest import Ingestor, IngestSummary
 from retrieval.loaders import document_from_dict
+from retrieval.tenancy import check_manage
 from retrieval.types import Chunk, ChunkStore, Document, EmbedderLike, ItemError, Mode
 
 __all__ = ["Retriever"]
@@ -150,6 +151,7 @@ class Retriever:
         *,
         prune: bool = False,
         public: bool | None = None,
+        admin: bool = False,
     ) -> IngestSummary:
         """Add or replace documents (``PUT /v1/collections/{c}/documents[/{doc_id}]``).
 
@@ -159,17 +161,20 @@ class Retriever:
             documents: Documents, or JSON objects with ``id``, ``text``, optional ``source``/``metadata``.
             prune: Also delete stored documents that are not in ``documents``.
             public: Set the collection's public flag (None keeps it).
+            admin: The caller holds an admin key: only admins publish and change public collections.
 
         Returns:
             The ingest summary; bad items are in ``errors`` and do not stop the others.
 
         Raises:
             InvalidRequestError: More than ``requests.max_documents_per_put`` documents.
+            PermissionDeniedError: A non-admin publishes, or writes to a public collection.
         """
         limit = self.config.requests.max_documents_per_put
         if len(documents) > limit:
             raise InvalidRequestError(f"{len(documents)} documents in one request; this server's limit is {limit} "
                                       "per PUT", param="documents")
+        await asyncio.to_thread(self._check_write, collection, tenant, public, admin)
         items = [self._as_item(doc, index) for index, doc in enumerate(documents)]
         return await asyncio.to_thread(
             self.ingestor.ingest, collection, tenant, items, prune=prune, public=public, progress=False
@@ -185,14 +190,28 @@ class Retriever:
             doc_id = doc.get("id") if isinstance(doc, Mapping) and isinstance(doc.get("id"), str) else None
             return ItemError(f"documents[{index}]", str(exc), doc_id)
 
-    async def delete_document(self, collection: str, tenant: str, doc_id: str) -> None:
+    def _check_write(self, collection: str, tenant: str, public: bool | None, admin: bool) -> None:
+        """Public collections are an admin's (retrieval.tenancy.check_manage); checked before any work."""
+        if admin:
+            return
+        try:
+            own = self.store.resolve(collection, tenant, write=True)
+        except NotFoundError:
+            own = None  # created private by this write (or a 404 from the delete that follows)
+        check_manage(own, public=public, admin=admin)
+
+    async def delete_document(self, collection: str, tenant: str, doc_id: str, admin: bool = False) -> None:
         """Delete one document (``DELETE /v1/collections/{c}/documents/{doc_id}``).
 
         Raises:
             NotFoundError: No such collection for the tenant, or no such document in it.
+            PermissionDeniedError: A non-admin deletes from a public collection.
         """
+        await asyncio.to_thread(self._check_write, collection, tenant, None, admin)
         await asyncio.to_thread(self.ingestor.delete_document, collection, tenant, doc_id)
 
-    async def delete_documents(self, collection: str, tenant: str, doc_ids: Sequence[str] | None = None) -> int:
+    async def delete_documents(self, collection: str, tenant: str, doc_ids: Sequence[str] | None = None,
+                               admin: bool = False) -> int:
         """Delete the given documents, or all (``DELETE /v1/collections/{c}/documents``); returns the count."""
+        await asyncio.to_thread(self._check_write, collection, tenant, None, admin)
         return await asyncio.to_thread(self.ingestor.delete_documents, collection, tenant, doc_ids)

@@ -155,7 +155,7 @@ class Ingress:
             app.add_exception_handler(kind, _handle)
         self._routes(app)
         if self.retriever is not None:
-            add_retrieval_routes(app, self.retriever, self._tenant)
+            add_retrieval_routes(app, self.retriever, self._principal)
         app.add_middleware(_BodyLimit, limit=self.cfg.limits.max_body_bytes)
         app.add_middleware(LoopbackHostGuard, enabled=self.auth.open)  # outermost: open mode answers loopback only
         return app
@@ -209,9 +209,11 @@ class Ingress:
         async def list_adapters(request: Request) -> dict:
             return {"object": "list", "data": self.registry.list(self._principal(request).scope)}
 
+        # Management acts (load, promote, roll back): the owner or an admin; shared adapters admin
+        # only (403); another tenant's adapter is a 404 (AdapterRegistry.managed).
         @app.post("/v1/adapters/{name}/load")
         async def load(name: str, request: Request) -> dict:
-            ref = self.registry.resolve(name, self._principal(request).scope)
+            ref = self.registry.managed(name, self._principal(request).scope)
             await self.llm.load_adapter(ref.key)
             return {"loaded": ref.key}
 
@@ -230,10 +232,6 @@ class Ingress:
     # ---- auth ----------------------------------------------------------------------------
     def _principal(self, request: Request) -> Principal:
         return self.auth.authenticate(request.headers.get("authorization"))
-
-    def _tenant(self, request: Request) -> str:
-        """The tenant that owns collections written by this caller ("local" in open mode)."""
-        return self._principal(request).owner
 
     def _admin(self, request: Request) -> Principal:
         principal = self._principal(request)
@@ -310,6 +308,8 @@ class Ingress:
             route = self._route(kind, data.get("model"), principal)
             req = _validated(_protocol()[kind], data)
             self._check_limits(req)
+            # Per-tenant prefix cache: one tenant can neither reuse nor time another's cached prompts.
+            req.cache_salt = self.auth.cache_salt(principal, req.cache_salt)
             sources = await self._retrieve(rag, req, route, principal)
         except BaseException as exc:
             self._done()

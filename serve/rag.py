@@ -85,8 +85,15 @@ def _encode(vector: list[float], fmt: str) -> list[float] | str:
 _CHECKED = [Depends(check_json_body)]  # hostile JSON (depth, digits, surrogates) is a 400, not a 500
 
 
-def add_retrieval_routes(app: FastAPI, client: RetrieverClient, tenant_of) -> None:
-    """Register the retrieval endpoints; ``tenant_of(request)`` authenticates and names the tenant."""
+def add_retrieval_routes(app: FastAPI, client: RetrieverClient, principal_of) -> None:
+    """Register the retrieval endpoints; ``principal_of(request)`` authenticates (a ``serve.auth.Principal``).
+
+    Reads and writes act as the caller's tenant (``owner``); ``admin`` decides who may publish
+    and change public collections (``retrieval.tenancy.check_manage``).
+    """
+
+    def tenant_of(request: Request) -> str:
+        return principal_of(request).owner
 
     @app.post("/v1/retrieve", dependencies=_CHECKED)
     async def retrieve(body: RetrieveRequest, request: Request) -> dict:
@@ -108,23 +115,27 @@ def add_retrieval_routes(app: FastAPI, client: RetrieverClient, tenant_of) -> No
 
     @app.put("/v1/collections/{collection}/documents", dependencies=_CHECKED)
     async def put_documents(collection: str, body: DocumentsPut, request: Request) -> dict:
-        summary = await client.call("upsert_documents", collection, tenant_of(request), body.documents,
-                                    prune=body.prune, public=body.public)
+        caller = principal_of(request)
+        summary = await client.call("upsert_documents", collection, caller.owner, body.documents,
+                                    prune=body.prune, public=body.public, admin=caller.admin)
         logger.info("collection %s: upserted %d documents", collection, len(body.documents))
         return summary.to_dict()
 
     @app.put("/v1/collections/{collection}/documents/{doc_id}", dependencies=_CHECKED)
     async def put_document(collection: str, doc_id: str, body: DocumentPut, request: Request) -> dict:
         doc = {"id": doc_id, **body.model_dump()}
-        summary = await client.call("upsert_documents", collection, tenant_of(request), [doc])
+        caller = principal_of(request)
+        summary = await client.call("upsert_documents", collection, caller.owner, [doc], admin=caller.admin)
         return summary.to_dict()
 
     @app.delete("/v1/collections/{collection}/documents/{doc_id}")
     async def delete_document(collection: str, doc_id: str, request: Request) -> dict:
-        await client.call("delete_document", collection, tenant_of(request), doc_id)
+        caller = principal_of(request)
+        await client.call("delete_document", collection, caller.owner, doc_id, admin=caller.admin)
         return {"deleted": 1}
 
     @app.delete("/v1/collections/{collection}/documents", dependencies=_CHECKED)
     async def delete_documents(collection: str, request: Request, body: DocumentsDelete | None = None) -> dict:
         ids = body.ids if body else None
-        return {"deleted": await client.call("delete_documents", collection, tenant_of(request), ids)}
+        caller = principal_of(request)
+        return {"deleted": await client.call("delete_documents", collection, caller.owner, ids, admin=caller.admin)}

@@ -40,7 +40,7 @@ def _retriever() -> Retriever:
     """A real ``Retriever`` on the in-memory store and hashed-word embedder: public collection `docs`."""
     config = RetrievalConfig(search=SearchConfig(batch_wait_timeout_s=0.01), ingest=IngestConfig(show_progress=False))
     retriever = Retriever(config, embedder=FakeEmbedder(), store=InMemoryStore())
-    assert asyncio.run(retriever.upsert_documents("docs", "ops", DOCS, public=True)).added == 3
+    assert asyncio.run(retriever.upsert_documents("docs", "ops", DOCS, public=True, admin=True)).added == 3
     return retriever
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.errors import InvalidRequestError, NotFoundError
+from cluster.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from retrieval.milvus import physical_name
-from retrieval.tenancy import check_model, own_collection, pick_collection
+from retrieval.tenancy import check_manage, check_model, own_collection, pick_collection
 from retrieval.types import CollectionInfo, check_collection_name, check_tenant
 
 
@@ -24,8 +24,9 @@ def test_own_collection_wins():
 
 def test_public_readable_not_writable():
     assert pick_collection(ROWS, "faq", "alice").owner == "carol"
-    with pytest.raises(InvalidRequestError, match="read-only"):
+    with pytest.raises(PermissionDeniedError, match="read-only") as exc:
         pick_collection(ROWS, "faq", "alice", write=True)
+    assert exc.value.status == 403  # visible, so not a 404; refused
     assert pick_collection(ROWS, "faq", "carol", write=True).owner == "carol"
 
 
@@ -44,6 +45,26 @@ def test_public_names_are_reserved():
     with pytest.raises(InvalidRequestError):
         own_collection([*ROWS, info("faq", "dave")], "faq", "dave", public=True)  # cannot publish over it
     assert own_collection(ROWS, "faq", "carol", public=False).owner == "carol"
+
+
+@pytest.mark.parametrize(("own", "public", "admin", "refused"), [
+    (None, None, False, None),  # a new private collection
+    (None, False, False, None),
+    (info("docs", "alice"), None, False, None),  # writing one's own private collection
+    (None, True, False, "creating or publishing"),  # a new public collection
+    (info("docs", "alice"), True, False, "creating or publishing"),  # publishing one's own
+    (info("faq", "carol", public=True), None, False, "only an admin"),  # writing one's own public one
+    (info("faq", "carol", public=True), False, False, "only an admin"),  # unpublishing it
+    (None, True, True, None),  # admins do all of it
+    (info("faq", "carol", public=True), False, True, None),
+])
+def test_public_collections_are_managed_by_admins(own, public, admin, refused):
+    if refused is None:
+        check_manage(own, public=public, admin=admin)
+        return
+    with pytest.raises(PermissionDeniedError, match=refused) as exc:
+        check_manage(own, public=public, admin=admin)
+    assert exc.value.status == 403 and exc.value.type == "permission_error"
 
 
 def test_model_mismatch():
