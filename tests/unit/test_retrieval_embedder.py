@@ -1,0 +1,42 @@
+"""Embedding prompts: config first, then the model's sentence-transformers prompts, then the family."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from retrieval.config import EmbedderConfig
+from retrieval.embedder import resolve_prompts
+
+
+@pytest.mark.parametrize(
+    ("name", "query", "document"),
+    [
+        ("intfloat/e5-small-v2", "query: ", "passage: "),
+        ("intfloat/multilingual-e5-base", "query: ", "passage: "),
+        ("BAAI/bge-small-en-v1.5", "Represent this sentence for searching relevant passages: ", ""),
+        ("nomic-ai/nomic-embed-text-v1.5", "search_query: ", "search_document: "),
+        ("all-MiniLM-L6-v2", "", ""),
+        ("intfloat/multilingual-e5-large-instruct", "", ""),  # needs a task instruction from the config
+    ],
+)
+def test_family_prompts(name, query, document):
+    prompts = resolve_prompts(EmbedderConfig(), {}, name)
+    assert (prompts.query, prompts.document) == (query, document)
+
+
+def test_model_config_then_retrieval_config_win():
+    own = {"query": "Q: ", "passage": "P: "}
+    assert resolve_prompts(EmbedderConfig(), own, "intfloat/e5-small-v2")[:2] == ("Q: ", "P: ")
+    config = EmbedderConfig(query_prompt="", document_prompt="doc: ")
+    prompts = resolve_prompts(config, own, "intfloat/e5-small-v2")
+    assert (prompts.query, prompts.document) == ("", "doc: ")
+    assert prompts.origin == "query from config, document from config"
+    assert resolve_prompts(EmbedderConfig(), {}, "x").origin == "query from none, document from none"
+
+
+def test_prompt_config_errors_name_the_field():
+    with pytest.raises(ValidationError, match="query_prompt"):
+        EmbedderConfig(query_prompt="x" * 2000)
+    with pytest.raises(ValidationError, match="document_prompt"):
+        EmbedderConfig(document_prompt=3)
