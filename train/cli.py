@@ -3,6 +3,7 @@
     ragtune train CONFIG [--set key=value ...] [--address ADDR]    run here (local Ray or ADDR)
     ragtune train submit CONFIG --address http://HOST:8265 [--set ...] [--wait]
     ragtune train status|logs|stop JOB_ID --address http://HOST:8265
+    ragtune train status --adapter NAME[@VERSION] [--store DIR]    the MLflow run behind an adapter
 
 ``add_cli(subparsers)`` registers the command on the main ``ragtune`` parser; every handler is
 ``func(args) -> int``. ``python -m train.cli ...`` takes the same arguments (the job entrypoint).
@@ -144,10 +145,21 @@ def submit_job(cfg: TrainConfig, address: str, *, repo: Path = REPO_ROOT, python
     job_id = job_client(address, token).submit_job(
         entrypoint=entrypoint, submission_id=submission_id or f"ragtune-train-{cfg.run.name}-{int(time.time())}",
         runtime_env={"working_dir": str(repo), "excludes": JOB_EXCLUDES, "env_vars": env},
-        metadata={"ragtune.run": cfg.run.name, "ragtune.adapter": cfg.export.adapter_name},
+        metadata={"ragtune.run": cfg.run.name, "ragtune.adapter": cfg.export.adapter_name,
+              **_tracking_metadata(cfg)},
     )
     logger.info("run %s: submitted job %s to %s", cfg.run.name, job_id, address)
     return job_id
+
+
+def _tracking_metadata(cfg: TrainConfig) -> dict[str, str]:
+    """Where the job's MLflow run will be (paths resolved as the run will resolve them)."""
+    if not cfg.tracking.mlflow:
+        return {}
+    from train.launch import resolve_paths
+    from train.tracking import tracking_uri
+
+    return {"ragtune.tracking_uri": tracking_uri(resolve_paths(cfg)), "ragtune.experiment": cfg.tracking.experiment}
 
 
 def wait_job(client, job_id: str, timeout_s: float = 3600, poll_s: float = 2.0) -> str:
@@ -203,10 +215,41 @@ def _cmd_submit(args) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def _job_tracking(metadata: dict) -> dict | None:
+    uri = metadata.get("ragtune.tracking_uri")
+    if not uri:
+        return None
+    return {"tracking_uri": uri, "experiment": metadata.get("ragtune.experiment"),
+            "look": f"mlflow ui --backend-store-uri {uri}  -> runs tagged ragtune.run_name={metadata.get('ragtune.run')}"}
+
+
+def _adapter_status(ref_text: str, store: str) -> dict:
+    from serve.registry import AdapterRegistry
+    from train.tracking import where
+
+    if not Path(store).is_dir():
+        raise ConfigError(f"--store {store}: no adapter store there", param="--store")
+    registry = AdapterRegistry(store, base_model="")  # reading only: the base model matters to register
+    ref = registry.resolve(ref_text)
+    manifest = registry.manifest(ref)
+    run = manifest.get("tracking")
+    return {"adapter": ref.key, "path": ref.path, "run_name": manifest.get("run_name"),
+            "dataset_hash": manifest.get("dataset_hash"), "exported": manifest.get("exported"),
+            "checkpoint": manifest.get("checkpoint"), "tracking": run,
+            "look": where(run) if run else "this version has no tracked run (trained without tracking.mlflow)"}
+
+
 def _cmd_status(args) -> int:
+    if args.adapter:
+        print(json.dumps(_adapter_status(args.adapter, args.store), indent=2))
+        return 0
+    if not (args.job_id and args.address):
+        raise ConfigError("status needs JOB_ID and --address, or --adapter NAME[@VERSION]", param="job_id")
     info = job_client(args.address).get_job_info(args.job_id)
+    metadata = info.metadata or {}
     print(json.dumps({"job_id": args.job_id, "status": str(info.status.value), "message": info.message,
-                      "entrypoint": info.entrypoint, "metadata": info.metadata}, indent=2))
+                      "entrypoint": info.entrypoint, "metadata": metadata,
+                      "tracking": _job_tracking(metadata)}, indent=2))
     return 0
 
 
@@ -247,6 +290,13 @@ def _action_parser(action: str) -> argparse.ArgumentParser:
         p.add_argument("--config-env", help=argparse.SUPPRESS)  # job entrypoint: config JSON in this env var
         p.set_defaults(func=_cmd_run)
         return p
+    if action == "status":
+        p.add_argument("job_id", nargs="?")
+        p.add_argument("--address", help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
+        p.add_argument("--adapter", metavar="NAME[@VERSION]", help="show the run and MLflow location of an adapter")
+        p.add_argument("--store", default="data/adapters", help="adapter store of --adapter (default data/adapters)")
+        p.set_defaults(func=_cmd_status)
+        return p
     p.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
     if action == "submit":
         _config_args(p)
@@ -258,7 +308,7 @@ def _action_parser(action: str) -> argparse.ArgumentParser:
     p.add_argument("job_id")
     if action == "logs":
         p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
-    p.set_defaults(func={"status": _cmd_status, "logs": _cmd_logs, "stop": _cmd_stop}[action])
+    p.set_defaults(func={"logs": _cmd_logs, "stop": _cmd_stop}[action])
     return p
 
 

@@ -28,7 +28,9 @@ __all__ = [
     "OptimSettings",
     "RunSettings",
     "ScalingSettings",
+    "TrackingSettings",
     "TrainConfig",
+    "check_context",
     "load_config",
 ]
 
@@ -43,12 +45,17 @@ class DataSettings(StrictModel):
     """Where the examples come from and how they become token sequences."""
 
     paths: list[str] = Field(min_length=1, description="JSONL training files (relative to the working directory).")
-    format: Literal["auto", "chat", "prompt_completion", "alpaca"] = Field(
-        "auto", description="Record format; 'auto' picks per line from its keys (messages / prompt+completion / instruction+output).")
+    format: Literal["auto", "chat", "sharegpt", "prompt_completion", "alpaca"] = Field(
+        "auto", description="Record format; 'auto' picks per line from its keys (messages / conversations / "
+                            "prompt+completion / instruction+output). chat includes tool calls (tool_calls, role tool).")
     max_seq_len: int = Field(512, ge=16, le=131072, description="Token cap per example; longer ones are truncated (counted).")
     skip_bad_lines: bool = Field(False, description="Skip and count malformed lines instead of failing at the first one.")
     eval_path: str | None = Field(None, description="Held-out JSONL file for eval loss (exclusive with eval_fraction).")
     eval_fraction: float = Field(0.0, ge=0.0, le=0.5, description="Fraction of the training examples held out for eval.")
+    packing: bool = Field(False, description="Pack several examples into one row (position ids restart per example, "
+                                             "attention stays inside it); run.micro_batch_size then counts packed rows.")
+    pack_length: int | None = Field(
+        None, ge=16, description="Tokens per packed row (None = data.max_seq_len); must fit the base model's context.")
 
 
 class LoraSettings(StrictModel):
@@ -124,6 +131,8 @@ class RunSettings(StrictModel):
     num_to_keep: int | None = Field(2, ge=1, description="Checkpoints kept in storage (None = all).")
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint (-1 = unlimited).")
     tensorboard_dir: str | None = Field(None, description="TensorBoard event dir written by rank 0 (None = off).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less activation memory, ~30% more compute.")
 
 
 class ExportSettings(StrictModel):
@@ -135,6 +144,19 @@ class ExportSettings(StrictModel):
     promote: bool | None = Field(None, description="Promote the new version (None = only if it is the first).")
     owner: str | None = Field(None, description="Tenant that owns the adapter (None = shared).")
     max_lora_rank: int = Field(16, ge=1, description="The server's max_lora_rank; lora.r above it fails before training.")
+    select: Literal["best", "last"] = Field(
+        "best", description="Which weights become the adapter: 'best' = the lowest eval loss seen (what early "
+                            "stopping kept), 'last' = the final step. Without an eval split 'best' is the last.")
+
+
+class TrackingSettings(StrictModel):
+    """Experiment tracking (MLflow): params, per-step metrics, data hash, the adapter as an artifact."""
+
+    mlflow: bool = Field(True, description="Track the run in MLflow (rank 0 logs metrics; the driver logs the rest).")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (http://HOST:5000, sqlite:///path.db); None = a SQLite store "
+                          "<run.storage_path>/mlflow/mlflow.db with artifacts beside it (local storage only).")
+    experiment: str = Field("ragtune-train", min_length=1, description="MLflow experiment name.")
 
 
 class DebugSettings(StrictModel):
@@ -159,11 +181,13 @@ class TrainConfig(StrictModel):
     scaling: ScalingSettings = Field(default_factory=ScalingSettings, description="Workers and resources.")
     run: RunSettings = Field(description="Run identity, storage, checkpoints.")
     export: ExportSettings = Field(description="Adapter export.")
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="Experiment tracking.")
     debug: DebugSettings = Field(default_factory=DebugSettings, description="Fault injection (tests).")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
-        for check in (_check_deepspeed, _check_scaling, _check_eval, _check_lora, _check_debug):
+        for check in (_check_deepspeed, _check_scaling, _check_eval, _check_lora, _check_debug, _check_data,
+                      _check_tracking):
             check(self)
         return self
 
@@ -171,6 +195,11 @@ class TrainConfig(StrictModel):
     def has_eval(self) -> bool:
         """Whether a held-out split exists."""
         return self.data.eval_path is not None or self.data.eval_fraction > 0
+
+    @property
+    def pack_length(self) -> int:
+        """Tokens per packed row (``data.pack_length`` or ``data.max_seq_len``)."""
+        return self.data.pack_length or self.data.max_seq_len
 
     @property
     def backend(self) -> str:
@@ -217,6 +246,37 @@ def _check_lora(c: TrainConfig) -> None:
 def _check_debug(c: TrainConfig) -> None:
     if c.debug.fail_rank >= c.scaling.num_workers:
         _fail("debug.fail_rank", f"{c.debug.fail_rank} is not a rank of {c.scaling.num_workers} workers")
+
+
+def _check_data(c: TrainConfig) -> None:
+    if c.data.pack_length is not None and not c.data.packing:
+        _fail("data.pack_length", "applies to data.packing=true only")
+    if c.data.packing and c.pack_length < c.data.max_seq_len:
+        _fail("data.pack_length", f"{c.pack_length} is shorter than data.max_seq_len={c.data.max_seq_len}: "
+                                  "a full-length example would not fit a packed row")
+
+
+def _check_tracking(c: TrainConfig) -> None:
+    if c.tracking.mlflow and c.tracking.uri is None and "://" in c.run.storage_path:
+        _fail("tracking.uri", f"run.storage_path={c.run.storage_path!r} is remote; give an MLflow server URI "
+                              "(the default SQLite store needs a local path) or set tracking.mlflow=false")
+
+
+def check_context(c: TrainConfig, max_positions: int | None) -> None:
+    """Sequence lengths against the base model's context (``max_position_embeddings``), on the driver.
+
+    Raises:
+        ConfigError: naming ``data.pack_length`` or ``data.max_seq_len``.
+    """
+    if max_positions is None:
+        return
+    if c.data.packing and c.pack_length > max_positions:
+        field = "data.pack_length" if c.data.pack_length else "data.max_seq_len"
+        _fail(field, f"packed rows of {c.pack_length} tokens exceed the base model's context of "
+                     f"{max_positions} positions (max_position_embeddings)")
+    if c.data.max_seq_len > max_positions:
+        _fail("data.max_seq_len", f"{c.data.max_seq_len} exceeds the base model's context of {max_positions} "
+                                  "positions (max_position_embeddings)")
 
 
 # ---- loading -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 from serve.registry import AdapterRef, AdapterRegistry
 
-__all__ = ["ADAPTER_DIR", "build_manifest", "register_adapter", "save_adapter"]
+__all__ = ["ADAPTER_DIR", "build_manifest", "gather_lora_state", "register_adapter", "save_adapter", "write_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,41 +32,59 @@ def _trainable(module) -> dict[str, Any]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def save_adapter(engine, out_dir: str | Path, *, rank: int, zero_stage: int) -> Path | None:
-    """Write the engine's PEFT model as a PEFT adapter folder (fp32 safetensors) from rank 0.
+def gather_lora_state(engine, *, rank: int, zero_stage: int) -> dict[str, Any] | None:
+    """The trainable (LoRA) parameters as full fp32 CPU tensors on rank 0, ``None`` elsewhere.
 
     Must be called on all ranks: under ZeRO-3 the gather is a collective.
-
-    Returns:
-        The folder on rank 0, ``None`` elsewhere.
     """
     import deepspeed
     import torch
 
-    model = engine.module
-    params = _trainable(model)
+    params = _trainable(engine.module)
     gather = (deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None)
               if zero_stage == 3 else nullcontext())
     with gather:
         # fp32 whatever the training precision: serving casts to its own dtype anyway.
         state = ({name: p.detach().to(torch.float32).cpu().clone() for name, p in params.items()}
                  if rank == 0 else None)
-    if rank != 0:
-        return None
-    empty = [name for name, t in state.items() if t.numel() == 0]
-    if empty:
-        raise RuntimeError(f"adapter export: {len(empty)} LoRA tensors are empty (e.g. {empty[0]}); "
-                           "ZeRO-3 parameters were not gathered")
+    if state is not None:
+        empty = [name for name, t in state.items() if t.numel() == 0]
+        if empty:
+            raise RuntimeError(f"adapter export: {len(empty)} LoRA tensors are empty (e.g. {empty[0]}); "
+                               "ZeRO-3 parameters were not gathered")
+    return state
+
+
+def write_adapter(engine, state: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``state`` (from :func:`gather_lora_state`) as a PEFT adapter folder (safetensors)."""
     out = Path(out_dir)
     # peft filters the adapter's keys out of this state dict and strips the adapter name.
-    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
     return out
 
 
+def save_adapter(engine, out_dir: str | Path, *, rank: int, zero_stage: int) -> Path | None:
+    """Write the engine's current LoRA weights as a PEFT adapter folder from rank 0 (all ranks call).
+
+    Returns:
+        The folder on rank 0, ``None`` elsewhere.
+    """
+    state = gather_lora_state(engine, rank=rank, zero_stage=zero_stage)
+    return write_adapter(engine, state, out_dir) if state is not None else None
+
+
 def build_manifest(config, *, metrics: dict, data_stats: dict, dataset_hash: str,
-                   base_model_path: str, checkpoint: str | None) -> dict:
-    """What the store records with a version: enough to reproduce and audit the adapter."""
+                   base_model_path: str, checkpoint: str | None, tracking: dict | None = None) -> dict:
+    """What the store records with a version: enough to reproduce and audit the adapter.
+
+    ``exported`` says which weights the folder holds (``best``: the step with the lowest eval
+    loss; ``last``: the final step) with that step and its eval loss; ``tracking`` is the MLflow
+    run (id, tracking URI, experiment) the version came from.
+    """
     return {
+        "exported": {"select": metrics.get("exported_select"), "step": metrics.get("exported_step"),
+                     "eval_loss": metrics.get("exported_eval_loss")},
+        "tracking": tracking,
         "base_model_path": base_model_path,
         "dataset_hash": dataset_hash,
         "dataset": data_stats,

@@ -48,7 +48,7 @@ def test_actions_dispatch(parser, calls, argv, handler, fields):
 
 
 def test_remote_actions_need_an_address(parser, calls):
-    args = parser.parse_args(["train", "status", "job-1"])
+    args = parser.parse_args(["train", "logs", "job-1"])
     with pytest.raises(SystemExit):
         args.func(args)
 
@@ -87,7 +87,8 @@ def test_job_paths_ship_sources_and_pin_local_data(monkeypatch):
 
 def test_job_paths_keep_uris_and_absolute_paths(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
-    cfg = cli.job_config_for(load_config(TINY, ["run.storage_path=s3://bucket/runs", f"export.store={tmp_path}"]), REPO)
+    cfg = cli.job_config_for(load_config(TINY, ["run.storage_path=s3://bucket/runs", "tracking.mlflow=false",
+                                                 f"export.store={tmp_path}"]), REPO)
     assert cfg.run.storage_path == "s3://bucket/runs" and cfg.export.store == str(tmp_path)
 
 

@@ -153,10 +153,15 @@ def test_early_stopping_counts_evals_without_improvement():
     from train.recipe import _early_stop
 
     cfg = _load("data.eval_fraction=0.1", "eval.early_stopping_patience=2", "eval.early_stopping_min_delta=0.1")
-    state = {"best_eval": None, "bad_evals": 0}
+    state = {"best_eval": None, "bad_evals": 0, "best_step": None, "step": 0}
+
+    def at(step: int, loss: float) -> bool:
+        state["step"] = step
+        return _early_stop(state, loss, cfg)
+
     # 0.95 is not better by more than min_delta; 0.85 is; then two evals without improvement stop.
-    assert [_early_stop(state, loss, cfg) for loss in (1.0, 0.95, 0.85, 0.84, 0.83)] == [False] * 4 + [True]
-    assert state["best_eval"] == 0.85
+    assert [at(10 * i, loss) for i, loss in enumerate((1.0, 0.95, 0.85, 0.84, 0.83), 1)] == [False] * 4 + [True]
+    assert state["best_eval"] == 0.85 and state["best_step"] == 30  # the step export.select=best exports
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
