@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ragtune-installed
 MODELS_STAMP := data/models/smollm2-135m-instruct/.complete data/models/tiny-llama/.complete
+# The fine-tuned demo adapter `ragtune-style`, trained at setup by the project's own recipe from the
+# shipped examples, so `ragtune up` serves base, RAG, adapter and adapter + RAG from the first start.
+DEMO_STAMP := data/adapters/.demo-ragtune-style
 
 # No model hub at run time: models are built locally from packages (cluster/models.py).
 export HF_HUB_OFFLINE := 1
@@ -12,9 +15,9 @@ export TRANSFORMERS_OFFLINE := 1
 # DeepSpeed JIT-compiled C++ ops are cached here (minutes to build on 2 cores, once).
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/data/torch_extensions
 
-.PHONY: setup up test test-unit lint bench clean-venv
+.PHONY: setup up test test-unit lint bench eval clean-venv
 
-setup: $(STAMP) $(MODELS_STAMP)
+setup: $(STAMP) $(MODELS_STAMP) $(DEMO_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +33,10 @@ $(STAMP): pyproject.toml
 $(MODELS_STAMP) &: $(STAMP)
 	$(VENV)/bin/ragtune bootstrap
 
+$(DEMO_STAMP): $(MODELS_STAMP)
+	$(VENV)/bin/ragtune train train/configs/example-cpu.yaml
+	touch $@
+
 up: setup
 	$(VENV)/bin/ragtune up
 
@@ -43,6 +50,12 @@ test-unit: setup
 # pytest exits 5 when it collects nothing: that is not a failure of the suite.
 test: setup lint
 	$(VENV)/bin/pytest -m "not gpu" --durations=15; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+# The fine-tune vs RAG decision on the shipped fictional corpus (cluster/evals/example/), measured.
+eval: setup
+	$(VENV)/bin/ragtune eval --docs cluster/evals/example/docs --qa cluster/evals/example/qa.jsonl \
+	    --updates cluster/evals/example/updates.jsonl --adapter ragtune-style \
+	    --style-regex '^\[ragtune\][\s\S]*Summary:' --out data/eval
 
 bench: setup
 	$(VENV)/bin/ragtune bench --mode quick --progress

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -19,14 +20,21 @@ from tests.conftest import REPO, free_port
 pytestmark = pytest.mark.e2e
 
 
+DEMO_STORE = REPO / "data" / "adapters"
+
+
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
     data = tmp_path_factory.mktemp("milvus")
+    # A copy of the store `make setup` fills (the demo adapter), so tests that register may write to it.
+    assert (DEMO_STORE / ".demo-ragtune-style").exists(), "run `make setup`: it trains the demo adapter"
+    store = tmp_path_factory.mktemp("store") / "adapters"
+    shutil.copytree(DEMO_STORE, store)
     config = {
         "data_dir": str(REPO / "data"),
         "ray": {"dashboard_port": free_port()},
         "serve": {"http": {"host": "127.0.0.1", "port": free_port()},
-                  "adapters": {"store_uri": str(tmp_path_factory.mktemp("store"))}},
+                  "adapters": {"store_uri": str(store)}},
         "retrieval": {"milvus": {"uri": str(data / "kb.db")}},
         "milvus_lite": {"port": free_port()},
     }
@@ -62,6 +70,28 @@ def test_rag_answers_from_the_sample_knowledge(client):
     sources = out.model_extra["sources"]
     assert any("codename" in s["source"] for s in sources)
     assert "Quillwort" in out.choices[0].message.content
+
+
+CODENAME = [{"role": "user", "content": "What is the internal codename of the ragtune project?"}]
+SAMPLE_RAG = {"rag": {"collection": "ragtune-docs", "top_k": 3}}
+
+
+def test_the_four_calls_from_the_first_start(client):
+    """base, base + RAG, the demo adapter, adapter + RAG — the README's four calls, as `make up` serves them."""
+    served = {m.id: m for m in client.models.list().data}
+    assert "ragtune-style" in served and served["ragtune-style"].model_extra["parent"] == "smollm2-135m-instruct"
+
+    def ask(model, extra=None):
+        out = client.chat.completions.create(model=model, temperature=0, max_tokens=48, messages=CODENAME,
+                                             extra_body=extra)
+        return out.choices[0].message.content, [s["document"] for s in (out.model_extra or {}).get("sources", [])]
+
+    base, base_rag, tuned, tuned_rag = (ask("smollm2-135m-instruct"), ask("smollm2-135m-instruct", SAMPLE_RAG),
+                                        ask("ragtune-style"), ask("ragtune-style", SAMPLE_RAG))
+    assert "Quillwort" not in base[0] and not base[1]
+    assert "Quillwort" in base_rag[0] and any("codename" in d for d in base_rag[1])
+    assert tuned[0].startswith("[ragtune]") and not base[0].startswith("[ragtune]")  # the trained format
+    assert tuned_rag[0].startswith("[ragtune]") and any("codename" in d for d in tuned_rag[1])
 
 
 def test_ingest_while_serving_shares_the_store(up, client, tmp_path):
