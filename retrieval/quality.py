@@ -27,7 +27,7 @@ _NOTHING = "\x00nothing-retrieved"
 
 
 def retrieval_metrics(
-    run: Mapping[str, Sequence[str]], qrels: Mapping[str, Iterable[str]], k: int = 5
+    run: Mapping[str, Sequence[str]], qrels: Mapping[str, Iterable[str]], k: int = 5, *, per_question: bool = False
 ) -> dict[str, float | int]:
     """hit@k, MRR@k and nDCG@k averaged over the labelled questions.
 
@@ -35,9 +35,11 @@ def retrieval_metrics(
         run: Question id → retrieved ids, best first (duplicates after the first are ignored).
         qrels: Question id → the ids relevant to it (at least one per question).
         k: Cut-off rank.
+        per_question: Also return each question's scores (``ragtune eval`` compares arms per question).
 
     Returns:
-        ``{"hit@k", "mrr@k", "ndcg@k"}`` in [0, 1], plus ``queries`` (labelled questions) and ``k``.
+        ``{"hit@k", "mrr@k", "ndcg@k"}`` in [0, 1], plus ``queries`` (labelled questions) and ``k``;
+        with ``per_question``, ``"per_question": {qid: {"hit@k", "mrr@k", "ndcg@k"}}`` too.
 
     Raises:
         ValueError: ``k < 1``, no labelled question, a question without relevant ids, or run
@@ -53,9 +55,13 @@ def retrieval_metrics(
         raise ValueError(f"run has questions without labels in qrels: {unlabelled[:5]}")
     scored = {qid: _scores(run.get(qid, ()), qid) for qid in labels}
     names = [f"{METRICS[name]}@{k}" for name in METRICS]
-    values = evaluate(Qrels({q: dict.fromkeys(ids, 1) for q, ids in labels.items()}), Run(scored), names)
-    result: dict[str, float | int] = {f"{name}@{k}": float(values[f"{METRICS[name]}@{k}"]) for name in METRICS}
+    ranx_run = Run(scored)
+    values = evaluate(Qrels({q: dict.fromkeys(ids, 1) for q, ids in labels.items()}), ranx_run, names)
+    result: dict = {f"{name}@{k}": float(values[f"{METRICS[name]}@{k}"]) for name in METRICS}
     result.update(queries=len(labels), k=k)
+    if per_question:  # ranx keeps each query's score on the Run it evaluated
+        result["per_question"] = {qid: {f"{name}@{k}": float(ranx_run.scores[f"{METRICS[name]}@{k}"][qid])
+                                        for name in METRICS} for qid in labels}
     return result
 
 

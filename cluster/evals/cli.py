@@ -54,6 +54,8 @@ def add_cli(sub) -> None:
     p.add_argument("--train", help="TRAIN.jsonl for the ft arms (any format `ragtune train` accepts)")
     p.add_argument("--train-config", default=str(DEFAULT_TRAIN_CONFIG),
                    help="training recipe config used with --train (default: %(default)s)")
+    p.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training config field with --train, e.g. run.max_steps=20 (repeatable)")
     p.add_argument("--adapter", help="an existing adapter for the ft arms (instead of --train)")
     p.add_argument("--updates", help="UPDATES.jsonl: {document, text, questions: [{question, answers}]} per line")
     p.add_argument("--style-regex", help="the answer format fine-tuning should teach (Python regex, searched)")
@@ -175,7 +177,9 @@ def _train(args, store: str | None, out: Path) -> tuple[str | None, str | None]:
     """Train (or reuse) the adapter for ``--train``; returns (adapter name, why not)."""
     import yaml
 
-    digest = hashlib.sha256(Path(args.train).read_bytes()).hexdigest()[:10]
+    # Named by what determines it (data, recipe, overrides), so a re-run reuses a finished adapter.
+    digest = hashlib.sha256(Path(args.train).read_bytes() + Path(args.train_config).read_bytes()
+                            + "\0".join(args.train_overrides).encode()).hexdigest()[:10]
     name = f"eval-ft-{digest}"
     with open(args.train_config) as f:
         recipe = yaml.safe_load(f)
@@ -195,7 +199,8 @@ def _train(args, store: str | None, out: Path) -> tuple[str | None, str | None]:
     cmd = [sys.executable, "-m", "cluster.cli", "train", args.train_config,
            "--set", f"data.paths=[{Path(args.train).resolve()}]", "--set", f"export.adapter_name={name}",
            "--set", f"export.store={store}", "--set", f"run.name={name}-{int(time.time())}",
-           "--set", f"run.storage_path={(out / 'work' / 'ray_results').resolve()}"]
+           "--set", f"run.storage_path={(out / 'work' / 'ray_results').resolve()}",
+           *(x for o in args.train_overrides for x in ("--set", o))]
     print(f"training {name} with {args.train_config} (log: {out / 'work' / 'train.log'}) …", flush=True)
     (out / "work").mkdir(parents=True, exist_ok=True)
     with open(out / "work" / "train.log", "w") as log:
@@ -208,15 +213,18 @@ def _train(args, store: str | None, out: Path) -> tuple[str | None, str | None]:
 
 # ---- the run ---------------------------------------------------------------------------------
 def _retrieval(api: Api, collection: str, questions: list[Question], top_k: int, mode: str) -> dict[str, dict]:
-    """Per answerable question: was a gold document retrieved, and the reciprocal rank of the first."""
-    out = {}
-    for q in questions:
-        if not q.answerable:
-            continue
-        ranked = list(dict.fromkeys(hit["document"] for hit in api.retrieve(collection, q.question, top_k, mode)))
-        rank = next((i for i, doc in enumerate(ranked, 1) if doc in q.documents), None)
-        out[q.id] = {"hit": float(rank is not None), "rr": 1.0 / rank if rank else 0.0, "ranked": ranked}
-    return out
+    """Per answerable question: hit@k, MRR@k and nDCG@k of ``/v1/retrieve`` against the gold documents
+    (ranx, through ``retrieval.quality``), plus the ranked documents for the per-question file."""
+    from retrieval.quality import retrieval_metrics
+
+    labelled = [q for q in questions if q.answerable]
+    if not labelled:
+        return {}
+    ranked = {q.id: list(dict.fromkeys(hit["document"] for hit in api.retrieve(collection, q.question, top_k, mode)))
+              for q in labelled}
+    scores = retrieval_metrics(ranked, {q.id: set(q.documents) for q in labelled}, k=top_k, per_question=True)
+    return {qid: {"hit": s[f"hit@{top_k}"], "rr": s[f"mrr@{top_k}"], "ndcg": s[f"ndcg@{top_k}"], "ranked": ranked[qid]}
+            for qid, s in scores["per_question"].items()}
 
 
 async def _ask(args, url: str, key: str | None, collection: str, arms: list[Arm], questions: list[Question],

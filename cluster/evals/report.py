@@ -38,7 +38,7 @@ CRITERIA: dict[str, tuple[str, bool, str]] = {
     "cost": ("cost_per_1k_requests", False, "cost per 1,000 requests at the measured throughput"),
 }
 RATES = ("accuracy", "exact_match", "f1", "citation_precision", "citation_recall", "refusal_precision",
-         "refusal_recall", "format_compliance", "freshness", "context_hit", "hit_at_k", "mrr")
+         "refusal_recall", "format_compliance", "freshness", "context_hit", "hit_at_k", "mrr", "ndcg")
 
 
 def _cited_documents(answer: Answer) -> tuple[list[str | None], list[str]]:
@@ -72,6 +72,7 @@ def arm_scores(run: ArmRun, questions: Mapping[str, Question], *, style: re.Patt
             items["citation_recall"][qid] = len(gold & {d for d in cited if d}) / len(gold)
         if run.arm.rag and retrieval and qid in retrieval:
             items["hit_at_k"][qid], items["mrr"][qid] = retrieval[qid]["hit"], retrieval[qid]["rr"]
+            items["ndcg"][qid] = retrieval[qid].get("ndcg")
     for a in ok:
         unanswerable = not questions[a.question_id].answerable
         if is_refusal(a.reply):
@@ -92,7 +93,7 @@ def arm_scores(run: ArmRun, questions: Mapping[str, Question], *, style: re.Patt
     if style is None:
         scores["format_compliance"] = {"mean": None, "ci95": [None, None], "n": 0, "note": "no --style-regex"}
     if not run.arm.rag:
-        for key in ("citation_precision", "citation_recall", "context_hit", "hit_at_k", "mrr"):
+        for key in ("citation_precision", "citation_recall", "context_hit", "hit_at_k", "mrr", "ndcg"):
             scores[key]["note"] = "no sources given"
     scores.update({
         "n": len(qa), "n_fresh": len(fresh), "errors": sum(a.error is not None for a in run.answers),

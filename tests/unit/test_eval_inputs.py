@@ -84,3 +84,21 @@ def test_shipped_example_is_consistent():
         new = " ".join(u.text.split())
         for q in u.questions:
             assert any(a in new for a in q.answers) and not any(a in old for a in q.answers), q.question
+
+
+def test_the_command_reports_bad_inputs_before_starting_anything(tmp_path, capsys):
+    """Missing gold documents and bad arms fail fast with exit 2 — no stack, no training."""
+    from cluster.cli import main
+
+    qa = _write(tmp_path / "qa.jsonl", [{"id": "a", "question": "Q?", "answers": ["x"], "documents": ["nope.md"]}])
+    out = tmp_path / "out"
+    assert main(["eval", "--docs", str(EXAMPLE / "docs"), "--qa", str(qa), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{qa}:1: gold document 'nope.md' is not in --docs" in err and "fares.md" in err
+    assert main(["eval", "--docs", str(EXAMPLE / "docs"), "--qa", str(qa), "--arms", "base,raft",
+                 "--out", str(out)]) == 2
+    assert "--arms: unknown arm(s) ['raft']" in capsys.readouterr().err
+    assert main(["eval", "--docs", str(EXAMPLE / "docs"), "--qa", str(qa), "--style-regex", "([",
+                 "--out", str(out)]) == 2
+    assert "--style-regex: not a valid regular expression" in capsys.readouterr().err
+    assert not (out / "work").exists()

@@ -47,3 +47,13 @@ def test_duplicates_keep_first_rank_and_several_relevant():
 def test_bad_input_names_the_problem(run, qrels, k, message):
     with pytest.raises(ValueError, match=message):
         retrieval_metrics(run, qrels, k=k)
+
+
+def test_per_question_scores_average_to_the_means():
+    run = {"q1": ["a", "b"], "q2": ["c"], "q3": ["x"]}
+    qrels = {"q1": {"b"}, "q2": {"c", "d"}, "q3": {"y"}}
+    result = retrieval_metrics(run, qrels, k=5, per_question=True)
+    per = result["per_question"]
+    assert per["q1"]["mrr@5"] == 0.5 and per["q2"]["mrr@5"] == 1.0 and per["q3"]["hit@5"] == 0.0
+    for name in ("hit@5", "mrr@5", "ndcg@5"):
+        assert sum(p[name] for p in per.values()) / 3 == pytest.approx(result[name])
