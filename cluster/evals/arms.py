@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from cluster.evals.inputs import Question
 
-__all__ = ["ARM_NAMES", "Answer", "Arm", "ArmRun", "Asker"]
+__all__ = ["ARM_NAMES", "Answer", "Arm", "ArmRun", "Asker", "Judge"]
 
 logger = logging.getLogger(__name__)
 ARM_NAMES = ("base", "rag", "ft", "ft+rag")
@@ -44,6 +44,7 @@ class Answer:
     completion_tokens: int | None = None
     error: str | None = None
     phase: str = "qa"  # "qa" or "fresh" (asked after the updates were applied)
+    judge: float | None = None  # the optional LLM judge's verdict (1 correct, 0 not, None ungraded)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,3 +116,36 @@ class Asker:
         finally:
             bar.close()
         return ArmRun(arm, list(answers), time.perf_counter() - start)
+
+
+_JUDGE_PROMPT = """You grade answers. Question: {question}
+Accepted answers: {answers}
+Reply to grade: {reply}
+Does the reply state one of the accepted answers? Answer with one word: yes or no."""
+
+
+class Judge:
+    """An optional LLM judge on any OpenAI-compatible endpoint: a column next to the deterministic
+    scores, never instead of them. Its verdict is 1.0 (yes), 0.0 (no) or None (neither word)."""
+
+    def __init__(self, client: openai.AsyncOpenAI, model: str, concurrency: int = 4):
+        self.client, self.model, self.gate = client, model, asyncio.Semaphore(concurrency)
+
+    async def grade(self, question: Question, reply: str) -> float | None:
+        prompt = _JUDGE_PROMPT.format(question=question.question, answers="; ".join(question.answers), reply=reply)
+        async with self.gate:
+            try:
+                out = await self.client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=3)
+            except openai.APIError as exc:
+                logger.warning("judge failed on question %s: %s", question.id, exc)
+                return None
+        words = (out.choices[0].message.content or "").strip().lower().split()
+        first = words[0].strip(".,!:;\"'") if words else ""
+        return 1.0 if first == "yes" else 0.0 if first == "no" else None
+
+    async def grade_all(self, answers: Sequence[Answer], questions) -> dict[tuple[str, str, str], float | None]:
+        """Verdicts keyed by (arm, question id, phase) for answers with accepted answers."""
+        todo = [a for a in answers if a.error is None and questions[a.question_id].answers]
+        verdicts = await asyncio.gather(*(self.grade(questions[a.question_id], a.reply) for a in todo))
+        return {(a.arm, a.question_id, a.phase): v for a, v in zip(todo, verdicts, strict=True)}

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from cluster.errors import ConfigError, InvalidRequestError, RagtuneError
-from cluster.evals.arms import ARM_NAMES, Arm, ArmRun, Asker
+from cluster.evals.arms import ARM_NAMES, Arm, ArmRun, Asker, Judge
 from cluster.evals.inputs import Question, check_gold, load_qa, load_updates
 from cluster.evals.report import arm_scores, recommend, write_report
 
@@ -67,6 +67,8 @@ def add_cli(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight per arm")
     p.add_argument("--system", default=DEFAULT_SYSTEM, help="system message sent on every arm ('' for none)")
+    p.add_argument("--judge-url", help="optional LLM judge: any OpenAI-compatible base URL (key: RAGTUNE_JUDGE_API_KEY)")
+    p.add_argument("--judge-model", help="the judge's model name (with --judge-url)")
     p.add_argument("--price-per-replica-hour", type=float, default=1.0, help="for cost per 1,000 requests")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas the price applies to")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -243,6 +245,15 @@ async def _ask(args, url: str, key: str | None, collection: str, arms: list[Arm]
             for run in runs:
                 extra = await asker.run(run.arm, fresh, phase="fresh")
                 run.answers += extra.answers
+    if args.judge_url:
+        async with openai.AsyncOpenAI(base_url=args.judge_url, api_key=os.environ.get("RAGTUNE_JUDGE_API_KEY", "none"),
+                                      max_retries=0, timeout=600) as judge_client:
+            by_id = {q.id: q for q in questions} | {q.id: q for u in updates for q in u.questions}
+            verdicts = await Judge(judge_client, args.judge_model, args.concurrency).grade_all(
+                [a for run in runs for a in run.answers], by_id)
+        for run in runs:
+            for a in run.answers:
+                a.judge = verdicts.get((a.arm, a.question_id, a.phase))
     for run in runs:  # cost per request from the first round's throughput
         qa_count = sum(a.phase == "qa" for a in run.answers)
         run.wall_s = run.wall_s * len(run.answers) / max(qa_count, 1)
@@ -254,6 +265,8 @@ def cmd_eval(args) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out = Path(args.out)
     wanted, style = _arms(args.arms), _style(args.style_regex)
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise ConfigError("--judge-url and --judge-model go together", param="--judge-model")
     questions = load_qa(args.qa)
     updates = load_updates(args.updates) if args.updates else []
     documents, failed_docs = _documents(args.docs)

@@ -38,7 +38,8 @@ CRITERIA: dict[str, tuple[str, bool, str]] = {
     "cost": ("cost_per_1k_requests", False, "cost per 1,000 requests at the measured throughput"),
 }
 RATES = ("accuracy", "exact_match", "f1", "citation_precision", "citation_recall", "refusal_precision",
-         "refusal_recall", "format_compliance", "freshness", "context_hit", "hit_at_k", "mrr", "ndcg")
+         "refusal_recall", "format_compliance", "freshness", "context_hit", "hit_at_k", "mrr", "ndcg",
+         "judge_accuracy")
 
 
 def _cited_documents(answer: Answer) -> tuple[list[str | None], list[str]]:
@@ -63,6 +64,8 @@ def arm_scores(run: ArmRun, questions: Mapping[str, Question], *, style: re.Patt
         items["accuracy"][qid] = contains_answer(a.reply, accepted)
         items["exact_match"][qid] = exact_match(a.reply, accepted)
         items["f1"][qid] = best_f1(a.reply, accepted)
+        if a.judge is not None:
+            items["judge_accuracy"][qid] = a.judge
         if run.arm.rag:
             gold = set(questions[qid].documents)
             cited, given = _cited_documents(a)
@@ -93,7 +96,8 @@ def arm_scores(run: ArmRun, questions: Mapping[str, Question], *, style: re.Patt
     if style is None:
         scores["format_compliance"] = {"mean": None, "ci95": [None, None], "n": 0, "note": "no --style-regex"}
     if not run.arm.rag:
-        for key in ("citation_precision", "citation_recall", "context_hit", "hit_at_k", "mrr", "ndcg"):
+        for key in ("citation_precision", "citation_recall", "context_hit", "hit_at_k", "mrr", "ndcg",
+         "judge_accuracy"):
             scores[key]["note"] = "no sources given"
     scores.update({
         "n": len(qa), "n_fresh": len(fresh), "errors": sum(a.error is not None for a in run.answers),
@@ -240,7 +244,7 @@ def _cell(row: dict, key: str) -> str:
     return f"{cell:.4f}" if key.startswith("cost") else f"{cell:,.1f}" if isinstance(cell, float) else str(cell)
 
 
-COLUMNS = [("accuracy", "accuracy"), ("f1", "token F1"), ("freshness", "freshness"),
+COLUMNS = [("accuracy", "accuracy"), ("judge_accuracy", "judge"), ("f1", "token F1"), ("freshness", "freshness"),
            ("format_compliance", "format"), ("citation_precision", "citation prec."),
            ("refusal_precision", "refusal prec."), ("refusal_recall", "refusal recall"),
            ("hit_at_k", "hit@k"), ("mrr", "MRR"), ("ttft_p50_ms", "TTFT p50 ms"), ("e2e_p50_ms", "e2e p50 ms"),
@@ -249,14 +253,16 @@ COLUMNS = [("accuracy", "accuracy"), ("f1", "token F1"), ("freshness", "freshnes
 
 def markdown(report: dict) -> str:
     """The decision table and the recommendation as Markdown."""
+    judged = any(_value(row, "judge_accuracy") is not None for row in report["arms"].values())
+    columns = [c for c in COLUMNS if judged or c[0] != "judge_accuracy"]  # the judge column only when asked
     out = ["# ragtune eval", "", f"Endpoint `{report['settings']['url']}`, base model "
            f"`{report['settings']['base_model']}`, adapter `{report['settings'].get('adapter') or '—'}`, "
            f"collection `{report['settings']['collection']}`, {report['settings']['concurrency']} requests at a time, "
            f"max_tokens {report['settings']['max_tokens']}, temperature 0.", "",
-           "| arm | " + " | ".join(title for _, title in COLUMNS) + " |",
-           "|---|" + "---|" * len(COLUMNS)]
+           "| arm | " + " | ".join(title for _, title in columns) + " |",
+           "|---|" + "---|" * len(columns)]
     for name, row in report["arms"].items():
-        out.append(f"| {name} | " + " | ".join(_cell(row, key) for key, _ in COLUMNS) + " |")
+        out.append(f"| {name} | " + " | ".join(_cell(row, key) for key, _ in columns) + " |")
     if report["skipped"]:
         out += ["", "Skipped arms:"] + [f"- {arm}: {why}" for arm, why in report["skipped"].items()]
     out += ["", "## Recommendation", ""] + [f"- {line}" for line in report["recommendation"]["lines"]]

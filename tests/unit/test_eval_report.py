@@ -134,3 +134,37 @@ def test_report_files(tmp_path):
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and lines[4]["cited"] == [2] and lines[2]["refused"] is True
+
+
+class _FakeCompletions:
+    """The slice of ``openai.AsyncOpenAI().chat.completions`` the judge uses, replying from a script."""
+
+    def __init__(self, replies):
+        self.replies, self.prompts = list(replies), []
+
+    async def create(self, *, model, messages, temperature, max_tokens):
+        from types import SimpleNamespace
+
+        self.prompts.append(messages[0]["content"])
+        text = self.replies.pop(0)
+        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content=text))])
+
+
+def test_judge_verdicts_and_column():
+    import asyncio
+    from types import SimpleNamespace
+
+    from cluster.evals.arms import Judge
+
+    completions = _FakeCompletions(["Yes.", "no", "Maybe so"])
+    judge = Judge(SimpleNamespace(chat=SimpleNamespace(completions=completions)), "judge-model")
+    answers = [Answer("rag", "q1", "7 krona"), Answer("rag", "q2", "Brisket"), Answer("rag", "fresh", "9?", phase="fresh"),
+               Answer("rag", "none", "I don't know")]  # no accepted answers: not sent to the judge
+    verdicts = asyncio.run(judge.grade_all(answers, QUESTIONS))
+    assert verdicts == {("rag", "q1", "qa"): 1.0, ("rag", "q2", "qa"): 0.0, ("rag", "fresh", "fresh"): None}
+    assert "Accepted answers: 7 krona" in completions.prompts[0] and "Reply to grade: 7 krona" in completions.prompts[0]
+    for a in answers:
+        a.judge = verdicts.get((a.arm, a.question_id, a.phase))
+    row, _ = arm_scores(ArmRun(Arm("rag", "m", True), answers, 1.0), QUESTIONS, style=None, retrieval=None,
+                        price_per_replica_hour=1.0, replicas=1)
+    assert row["judge_accuracy"] == {"mean": 0.5, "ci95": [0.0, 1.0], "n": 2}
