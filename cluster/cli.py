@@ -48,6 +48,13 @@ def _banner(cfg, base_url: str) -> None:
     print(f"  curl -s {base_url}/v1/chat/completions{key} -H 'Content-Type: application/json' \\\n"
           f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": "
           f"\"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n", flush=True)
+    try:
+        adapters = [a["name"] for a in _registry(cfg).list()]
+    except (RagtuneError, OSError) as exc:  # a banner never stops serving; the store errs on first use
+        adapters = [f"(adapter store unreadable: {getattr(exc, 'message', exc)})"]
+    if adapters:
+        print(f"  adapters: {', '.join(adapters)} — request one by name as \"model\"; add "
+              f"\"rag\": {{\"collection\": \"ragtune-docs\"}} for retrieval (README: the four calls)\n", flush=True)
 
 
 def cmd_serve(args) -> int:
