@@ -6,7 +6,14 @@ single-process PEFT loop on the same model, data, LoRA and micro-batch.
 
 Each run trains ``2 * steps`` optimizer steps and measures only the second half (the first
 covers worker start, DeepSpeed init, allocator warm-up). Samples/s and tokens/s are global
-(all workers); memory is the peak RSS of one worker process (the max over workers).
+(all workers; tokens are real tokens, padding excluded); memory is the peak RSS of one worker
+process (the max over workers) and ``param_mib_per_rank`` the parameters one rank holds after
+load (``load_``) and after DeepSpeed init: under ZeRO-3 its shards only.
+
+Packing rows use one packed row of ``8 * data.max_seq_len`` tokens per micro-batch against
+8 padded examples per micro-batch elsewhere: about the same tokens per step, no padding.
+
+    python -m train.bench --full --cases ZeRO-2,ZeRO-3   # just the per-rank memory comparison
 """
 
 from __future__ import annotations
@@ -26,9 +33,14 @@ __all__ = ["BENCH_CASES", "bench", "format_table", "main", "plain_loop"]
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-# (label, workers, zero stage, threads per worker)
-BENCH_CASES = [("recipe 1w", 1, 0, 1), ("recipe 1w x2 threads", 1, 0, 2),
-               ("recipe 2w ZeRO-0", 2, 0, 1), ("recipe 2w ZeRO-2", 2, 2, 1), ("recipe 2w ZeRO-3", 2, 3, 1)]
+_PACKED = ["data.packing=true", "run.micro_batch_size=1"]  # pack_length set from max_seq_len in bench()
+# (label, workers, zero stage, threads per worker, extra overrides)
+BENCH_CASES = [("recipe 1w", 1, 0, 1, []), ("recipe 1w x2 threads", 1, 0, 2, []),
+               ("recipe 1w packed", 1, 0, 1, _PACKED),
+               ("recipe 1w grad-ckpt", 1, 0, 1, ["run.gradient_checkpointing=true"]),
+               ("recipe 1w packed+grad-ckpt", 1, 0, 1, [*_PACKED, "run.gradient_checkpointing=true"]),
+               ("recipe 2w ZeRO-0", 2, 0, 1, []), ("recipe 2w ZeRO-2", 2, 2, 1, []),
+               ("recipe 2w ZeRO-3", 2, 3, 1, [])]
 
 
 def _base_config(quick: bool, steps: int, workdir: Path) -> TrainConfig:
@@ -40,7 +52,7 @@ def _base_config(quick: bool, steps: int, workdir: Path) -> TrainConfig:
         "data.max_seq_len=160", "lora.target_modules=[q_proj, k_proj, v_proj, o_proj]",
         "optim.lr=0.001", f"run.max_steps={2 * steps}", f"run.report_every_steps={steps}",
         f"run.checkpoint_every_steps={2 * steps}", f"run.storage_path={workdir}", "run.max_failures=0",
-        "export.enabled=false", "run.name=bench", "export.adapter_name=bench"])
+        "export.enabled=false", "run.name=bench", "export.adapter_name=bench", "tracking.mlflow=false"])
 
 
 def _plain_loop_task(cfg_json: dict, model_path: str, data: dict, pad_id: int, steps: int, threads: int) -> dict:
@@ -71,8 +83,10 @@ def _plain_loop_task(cfg_json: dict, model_path: str, data: dict, pad_id: int, s
         optim.zero_grad(set_to_none=True)
         samples, tokens = samples + len(batch["input_ids"]), tokens + int(batch["attention_mask"].sum())
     elapsed = time.perf_counter() - start
+    param_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     return {"samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
-            "peak_rss_mb_per_worker": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb_per_worker": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "load_param_mb_per_rank": param_mib, "param_mb_per_rank": param_mib}
 
 
 def plain_loop(cfg: TrainConfig, steps: int, threads: int) -> dict:
@@ -90,24 +104,34 @@ def plain_loop(cfg: TrainConfig, steps: int, threads: int) -> dict:
 def _row(label: str, workers: int, zero: str, threads: int, metrics: dict) -> dict[str, Any]:
     return {"run": label, "workers": workers, "zero": zero, "threads_per_worker": threads,
             "samples_per_s": round(metrics["samples_per_s"], 1), "tokens_per_s": round(metrics["tokens_per_s"]),
-            "peak_rss_mb_per_worker": round(metrics["peak_rss_mb_per_worker"])}
+            "peak_rss_mb_per_worker": round(metrics["peak_rss_mb_per_worker"]),
+            "load_param_mib_per_rank": round(metrics["load_param_mb_per_rank"], 1),
+            "param_mib_per_rank": round(metrics["param_mb_per_rank"], 1)}
 
 
-def bench(quick: bool = True, steps: int | None = None, workdir: Path | None = None) -> list[dict[str, Any]]:
-    """Throughput rows (needs a connected Ray with >= 2 CPUs); ``vs_plain`` is relative to plain 2 threads."""
+def bench(quick: bool = True, steps: int | None = None, workdir: Path | None = None,
+          cases: list[str] | None = None) -> list[dict[str, Any]]:
+    """Throughput rows (needs a connected Ray with >= 2 CPUs); ``vs_plain`` is relative to plain 2 threads.
+
+    ``cases``: run only the BENCH_CASES whose label contains one of these strings.
+    """
     from train.launch import launch
 
     if workdir is None:  # throwaway checkpoints: measure, then delete
         with tempfile.TemporaryDirectory(prefix="ragtune-bench-") as tmp:
-            return bench(quick, steps, Path(tmp))
+            return bench(quick, steps, Path(tmp), cases)
     steps = steps or (20 if quick else 8)
     base = _base_config(quick, steps, workdir)
     rows = [_row(f"plain PEFT x{t} threads", 1, "-", t, plain_loop(base, steps, t)) for t in (2, 1)]
-    for label, workers, zero, threads in BENCH_CASES:
+    for label, workers, zero, threads, extra in BENCH_CASES:
+        if cases and not any(c in label for c in cases):
+            continue
+        if "data.packing=true" in extra:
+            extra = [*extra, f"data.pack_length={8 * base.data.max_seq_len}"]
         cfg = load_config(base.model_dump(mode="json"), [
-            f"run.name=bench-{workers}w-z{zero}-t{threads}-{int(time.time())}", f"scaling.num_workers={workers}",
-            f"deepspeed.zero_stage={zero}", f"scaling.threads_per_worker={threads}",
-            f"scaling.cpus_per_worker={threads}"])
+            f"run.name=bench-{workers}w-z{zero}-t{threads}-{len(rows)}-{int(time.time())}",
+            f"scaling.num_workers={workers}", f"deepspeed.zero_stage={zero}", f"scaling.threads_per_worker={threads}",
+            f"scaling.cpus_per_worker={threads}", *extra])
         rows.append(_row(label, workers, str(zero), threads, launch(cfg).metrics))
     reference = rows[0]["samples_per_s"]
     for row in rows:
@@ -133,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="smollm2-135m-instruct instead of the tiny model")
     parser.add_argument("--steps", type=int, help="measured steps per run (default 20 quick, 8 full)")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--cases", help="comma-separated substrings of the recipe rows to run (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start_local_ray(args.num_cpus)
     try:
-        rows = bench(quick=not args.full, steps=args.steps)
+        rows = bench(quick=not args.full, steps=args.steps, cases=args.cases.split(",") if args.cases else None)
     finally:
         ray.shutdown()
     print(format_table(rows))

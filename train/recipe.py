@@ -407,5 +407,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     if writer is not None:
         writer.close()
+    tracker.close()
     if rank == 0:
         logger.info("run %s: finished at step %d%s", run, step, " (early stop)" if stop else "")

@@ -6,8 +6,8 @@ Who logs what (rank 0 only, never on every micro-batch):
   ``run.name``, reopens — the MLflow run before any worker starts: params (the flattened config),
   tags (run name, base model, dataset hash), the dataset stats as a JSON artifact;
 * **worker rank 0** (:class:`MetricLogger`) logs the metrics of each ``ray.train.report`` step
-  (loss, lr, samples/s, tokens/s, eval loss…) in one ``log_batch`` call — a few ms on a report
-  step, nothing on the others;
+  (loss, lr, samples/s, tokens/s, eval loss…) in one ``log_batch`` call from a background
+  thread — the training step only enqueues;
 * the **driver** (:func:`finish_run`) logs the exported adapter folder as an artifact, tags the
   registered ``name@version`` and closes the run. The adapter manifest carries the run id and
   tracking URI (``tracking``), so a served version leads back to its run.
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,26 +140,51 @@ def start_run(cfg: TrainConfig, *, dataset_hash: str, data_stats: dict, base_mod
 
 
 class MetricLogger:
-    """Worker rank 0: per-report-step metrics into the run (the client is created on first use)."""
+    """Worker rank 0: per-report-step metrics into the run, off the training thread.
+
+    ``log`` only enqueues; a daemon thread creates the client on first use and sends each batch,
+    so a slow or unreachable tracker (MLflow retries HTTP for minutes) never stalls a step.
+    Tracking errors are logged, never raised. ``close`` flushes what is queued.
+    """
 
     def __init__(self, run: dict | None):
-        self._run, self._client = run, None
+        self._run = run
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        """Log the numeric metrics of one report step; tracking errors are logged, never raised."""
+        """Queue the numeric metrics of one report step (None, bools and ``step`` itself are skipped)."""
         if self._run is None:
             return
+        stamp = int(time.time() * 1000)
+        values = {k: float(v) for k, v in metrics.items()
+                  if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"}
+        if self._thread is None:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._send_all, name="mlflow-metrics", daemon=True)
+            self._thread.start()
+        self._queue.put((step, stamp, values))
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Send what is queued (up to ``timeout_s``), then stop the thread."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            logger.warning("MLflow run %s: metrics still unsent after %.0fs; giving up", self._run["run_id"], timeout_s)
+
+    def _send_all(self) -> None:
         from mlflow.entities import Metric
 
-        stamp = int(time.time() * 1000)
-        batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"]
-        try:
-            if self._client is None:
-                self._client = _client(self._run["tracking_uri"])
-            self._client.log_batch(self._run["run_id"], metrics=batch)
-        except Exception as exc:  # a tracker outage must not kill hours of training
-            logger.warning("MLflow run %s: metrics of step %d not logged: %s", self._run["run_id"], step, exc)
+        client = None
+        while (item := self._queue.get()) is not None:
+            step, stamp, values = item
+            try:
+                client = client or _client(self._run["tracking_uri"])
+                client.log_batch(self._run["run_id"], metrics=[Metric(k, v, stamp, step) for k, v in values.items()])
+            except Exception as exc:  # a tracker outage must not kill hours of training
+                logger.warning("MLflow run %s: metrics of step %d not logged: %s", self._run["run_id"], step, exc)
 
 
 def finish_run(run: TrackedRun | None, *, status: str, adapter_dir: str | Path | None = None,
