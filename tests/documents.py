@@ -13,7 +13,7 @@ FILLER = ("The handbook explains the usual process in plain words, with examples
 PDF_FACT = "Refunds for damaged goods are paid within 9 working days"
 PDF_QUESTION = "How many working days until a refund for damaged goods is paid?"
 HTML_FACT = "The choir rehearses every Thursday at 19:30 in the old library hall"
-HTML_QUESTION = "When and where does the choir rehearse?"
+HTML_QUESTION = "On which day and in which library hall does the choir rehearse?"
 DOCX_FACT = "Revenue in the northern region grew by 17 percent in the third quarter"
 DOCX_QUESTION = "How much did revenue in the northern region grow in the third quarter?"
 
