@@ -187,7 +187,7 @@ def build_parser(lifecycle: _BenchLifecycle | None = None) -> argparse.ArgumentP
     _config_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("ingest", help="ingest documents (.md .txt .jsonl .pdf) into a knowledge collection")
+    p = sub.add_parser("ingest", help="ingest documents (.md .txt .jsonl .pdf .html .docx .pptx .xlsx) into a knowledge collection")
     _config_args(p)
     p.add_argument("paths", nargs="+", help="files or folders")
     p.add_argument("--collection", required=True)
