@@ -175,3 +175,31 @@ def test_bad_jsonl_lines_are_per_line_errors(line, reason):
 def test_document_from_dict_defaults():
     doc = document_from_dict({"id": "d", "text": "t"}, "documents[0]")
     assert (doc.source, doc.metadata, doc.origin) == ("d", {}, "documents[0]")
+
+
+def test_ingest_accounts_for_every_file_and_stores_chunk_locations(tmp_path):
+    """Through the Ingestor (fake embedder, in-memory store): counts, reasons, and chunk metadata."""
+    import asyncio
+
+    from retrieval.config import IngestConfig, RetrievalConfig
+    from retrieval.retriever import Retriever
+    from retrieval.testing import FakeEmbedder, InMemoryStore
+
+    documents.write_pdf(tmp_path / "manual.pdf")
+    documents.write_html(tmp_path / "choir.html")
+    documents.write_docx(tmp_path / "report.docx")
+    documents.write_blank_pdf(tmp_path / "scan.pdf")
+    (tmp_path / "empty.md").write_bytes(b"")
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG")
+    retriever = Retriever(RetrievalConfig(ingest=IngestConfig(show_progress=False)), embedder=FakeEmbedder(),
+                          store=InMemoryStore())
+    summary = retriever.ingestor.ingest_paths("kb", "acme", [tmp_path])
+    assert (summary.added, summary.failed, summary.skipped) == (3, 2, 1)
+    assert sorted((e.doc_id, e.reason.split(" (")[0]) for e in summary.errors) == [
+        ("empty.md", "empty file"), ("scan.pdf", "PDF has no text layer")]
+    assert [e.doc_id for e in summary.skipped_files] == ["photo.png"]
+    assert summary.to_dict()["skipped_files"][0]["reason"].startswith("unsupported file type '.png'")
+    chunks = asyncio.run(retriever.retrieve(documents.PDF_FACT, "kb", "acme", top_k=1))
+    assert chunks[0].document == "manual.pdf"
+    meta = chunks[0].metadata
+    assert (meta["page"], meta["section"], meta["format"]) == (2, "Handbook › Refunds", "pdf")
