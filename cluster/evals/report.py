@@ -281,13 +281,16 @@ def chart(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("accuracy", "accuracy"), ("freshness", "freshness"), ("format_compliance", "format compliance"),
-              ("citation_precision", "citation precision"), ("refusal_precision", "refusal precision"),
-              ("e2e_p50_ms", "e2e p50 (ms)")]
+    # Rates a person decides on; the citation and refusal panels show how often the behaviour happens
+    # at all (precision is n/a for an arm that never cites or never refuses; report.json has both).
+    panels = [("accuracy", "accuracy (answerable)"), ("freshness", "freshness (after updates)"),
+              ("format_compliance", "format compliance"), ("citation_rate", "answers citing a source [n]"),
+              ("refusal_recall", "unanswerable questions refused")]
     names = list(report["arms"])
-    colours = {"base": "#9e9e9e", "rag": "#1f77b4", "ft": "#ff7f0e", "ft+rag": "#2ca02c"}
+    colours = [{"base": "#9e9e9e", "rag": "#1f77b4", "ft": "#ff7f0e", "ft+rag": "#2ca02c"}.get(n, "#8c564b")
+               for n in names]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
-    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+    for ax, (key, title) in zip(axes.flat, panels, strict=False):
         means, errs = [], [[], []]
         for name in names:
             iv = _ival(report["arms"][name], key)
@@ -295,13 +298,21 @@ def chart(report: dict, path: Path) -> None:
             means.append(mean)
             errs[0].append(mean - iv.low if iv.low is not None else 0)
             errs[1].append(iv.high - mean if iv.high is not None else 0)
-        ax.bar(names, means, yerr=errs, capsize=4, color=[colours.get(n, "#8c564b") for n in names])
+        ax.bar(names, means, yerr=errs, capsize=4, color=colours)
         ax.set_title(title)
-        if key != "e2e_p50_ms":
-            ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.05)
         for i, name in enumerate(names):
-            if _value(report["arms"][name], key) is None:
-                ax.text(i, 0.02, "n/a", ha="center", fontsize=8)
+            value = _value(report["arms"][name], key)
+            ax.text(i, means[i] + 0.02, "n/a" if value is None else f"{value:.0%}", ha="center", fontsize=8)
+    ax = axes.flat[-1]  # latency: TTFT and end-to-end p50 side by side, from the same requests
+    x = range(len(names))
+    ttft = [report["arms"][n].get("ttft_p50_ms") or 0 for n in names]
+    e2e = [report["arms"][n].get("e2e_p50_ms") or 0 for n in names]
+    ax.bar([i - 0.2 for i in x], ttft, width=0.4, color=colours, alpha=0.5, label="TTFT p50")
+    ax.bar([i + 0.2 for i in x], e2e, width=0.4, color=colours, label="end-to-end p50")
+    ax.set_xticks(list(x), names)
+    ax.set_title("latency (ms)")
+    ax.legend(fontsize=8)
     decision = report["recommendation"]["decision"]
     fig.suptitle(f"ragtune eval — decision: {decision or 'none (within noise)'}")
     fig.tight_layout()
