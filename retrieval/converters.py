@@ -161,7 +161,7 @@ def _mark_headings(text: str, marks: list[tuple[int, str]], *, insert_missing: b
     A bookmark whose title is on no line of its page (``insert_missing``) leads the page instead.
     """
     lines = text.split("\n")
-    missing, cursor = [], 0
+    missing, cursor, marked = [], 0, set()
     for level, title in marks:
         wanted = _squash(title)
         hit = next((i for i in range(cursor, len(lines)) if _squash(lines[i]) == wanted), None)
@@ -170,9 +170,10 @@ def _mark_headings(text: str, marks: list[tuple[int, str]], *, insert_missing: b
                 missing.append("#" * level + " " + title)
             continue
         lines[hit] = "#" * level + " " + " ".join(lines[hit].split())
+        marked.add(hit)
         cursor = hit + 1
     # Blank lines around headings so Markdown sees them as blocks of their own.
-    body = "\n".join(f"\n{line}\n" if line.startswith("#") else _escape(line) for line in lines)
+    body = "\n".join(f"\n{line}\n" if i in marked else _escape(line) for i, line in enumerate(lines))
     return "\n\n".join([*missing, body]) if missing else body
 
 
@@ -183,7 +184,7 @@ def _squash(text: str) -> str:
 def _escape(line: str) -> str:
     """A PDF line that would read as Markdown structure it is not (heading, code) is neutralised."""
     stripped = line.lstrip()
-    if stripped.startswith("#"):
+    if stripped.startswith("#") or re.fullmatch(r"[=-]{2,}\s*", stripped):  # ATX or setext heading marks
         return "\\" + stripped
     return stripped if line.startswith("    ") else line
 

@@ -203,3 +203,18 @@ def test_ingest_accounts_for_every_file_and_stores_chunk_locations(tmp_path):
     assert chunks[0].document == "manual.pdf"
     meta = chunks[0].metadata
     assert (meta["page"], meta["section"], meta["format"]) == (2, "Handbook › Refunds", "pdf")
+
+
+def test_pdf_lines_that_look_like_markdown_are_not_headings(tmp_path):
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.set_font("Helvetica", size=11)
+    for line in ["# 1 priority is safety", "Totals", "-----", "All parts are counted weekly."]:
+        pdf.cell(0, 8, line, new_x="LMARGIN", new_y="NEXT")
+    pdf.output(str(tmp_path / "plain.pdf"))
+    [doc] = load(tmp_path / "plain.pdf")
+    chunks = Chunker(ChunkingConfig(size=400, overlap=40)).split_document(doc.text, doc.metadata)
+    assert all("headings" not in c.metadata for c in chunks), [c.metadata for c in chunks]
+    assert "1 priority is safety" in doc.text and "All parts are counted weekly." in doc.text
