@@ -9,8 +9,9 @@ The input is what a retriever returns and what a labeller marked, as plain dicts
     # {'hit@5': 1.0, 'mrr@5': 0.75, 'ndcg@5': 0.80..., 'queries': 2, 'k': 5}
 
 Ids are whatever the labels use: chunk ids, document ids (``Chunk.document``) or sources. Every
-labelled question counts: one missing from ``run`` (or with nothing retrieved) scores 0. Binary
-relevance. ranx compiles its metrics with numba: the first call in a fresh environment takes
+labelled question counts: one missing from ``run`` (or with nothing retrieved) scores 0. A
+question with no relevant id (one that should be abstained on) has no rank to measure: it is left
+out and counted in ``no_relevant``. Binary relevance. ranx compiles its metrics with numba: the first call in a fresh environment takes
 tens of seconds (cached on disk after), later calls milliseconds.
 """
 
@@ -33,7 +34,7 @@ def retrieval_metrics(
 
     Args:
         run: Question id → retrieved ids, best first (duplicates after the first are ignored).
-        qrels: Question id → the ids relevant to it (at least one per question).
+        qrels: Question id → the ids relevant to it (questions with none are left out, counted).
         k: Cut-off rank.
         per_question: Also return each question's scores (``ragtune eval`` compares arms per question).
 
@@ -49,8 +50,8 @@ def retrieval_metrics(
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    labels = _labels(qrels)
-    unlabelled = sorted(set(run) - set(labels))
+    labels, no_relevant = _labels(qrels)
+    unlabelled = sorted(set(run) - set(labels) - no_relevant)
     if unlabelled:
         raise ValueError(f"run has questions without labels in qrels: {unlabelled[:5]}")
     scored = {qid: _scores(run.get(qid, ()), qid) for qid in labels}
@@ -58,23 +59,24 @@ def retrieval_metrics(
     ranx_run = Run(scored)
     values = evaluate(Qrels({q: dict.fromkeys(ids, 1) for q, ids in labels.items()}), ranx_run, names)
     result: dict = {f"{name}@{k}": float(values[f"{METRICS[name]}@{k}"]) for name in METRICS}
-    result.update(queries=len(labels), k=k)
+    result.update(queries=len(labels), no_relevant=len(no_relevant), k=k)
     if per_question:  # ranx keeps each query's score on the Run it evaluated
         result["per_question"] = {qid: {f"{name}@{k}": float(ranx_run.scores[f"{METRICS[name]}@{k}"][qid])
                                         for name in METRICS} for qid in labels}
     return result
 
 
-def _labels(qrels: Mapping[str, Iterable[str]]) -> dict[str, set[str]]:
-    if not qrels:
-        raise ValueError("qrels is empty: no labelled question to measure")
-    labels = {}
+def _labels(qrels: Mapping[str, Iterable[str]]) -> tuple[dict[str, set[str]], set[str]]:
+    labels, no_relevant = {}, set()
     for qid, ids in qrels.items():
         relevant = {ids} if isinstance(ids, str) else set(ids)
-        if not relevant:
-            raise ValueError(f"qrels[{qid!r}] has no relevant id")
-        labels[str(qid)] = {str(i) for i in relevant}
-    return labels
+        if relevant:
+            labels[str(qid)] = {str(i) for i in relevant}
+        else:
+            no_relevant.add(str(qid))
+    if not labels:
+        raise ValueError(f"no question with a relevant id in qrels ({len(no_relevant)} without): nothing to measure")
+    return labels, no_relevant
 
 
 def _scores(ranked: Sequence[str], qid: str) -> dict[str, float]:

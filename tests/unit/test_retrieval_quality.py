@@ -27,6 +27,11 @@ def test_cutoff_and_missing_or_empty_questions_count_as_misses():
     assert m["hit@4"] == pytest.approx(1 / 3) and m["mrr@4"] == pytest.approx(0.25 / 3)
 
 
+def test_questions_without_relevant_ids_are_left_out_and_counted():
+    m = retrieval_metrics({"q": ["a"], "abstain": ["b"]}, {"q": {"a"}, "abstain": set()}, k=3)
+    assert (m["hit@3"], m["queries"], m["no_relevant"]) == (1.0, 1, 1)
+
+
 def test_duplicates_keep_first_rank_and_several_relevant():
     m = retrieval_metrics({"q": ["a", "a", "b"]}, {"q": {"b", "c"}}, k=2)
     assert m["mrr@2"] == pytest.approx(1 / 2)  # "b" is second once the repeated "a" is dropped
@@ -37,8 +42,8 @@ def test_duplicates_keep_first_rank_and_several_relevant():
 @pytest.mark.parametrize(
     ("run", "qrels", "k", "message"),
     [
-        ({}, {}, 5, "qrels is empty"),
-        ({"q": ["a"]}, {"q": set()}, 5, "qrels\\['q'\\] has no relevant id"),
+        ({}, {}, 5, "no question with a relevant id"),
+        ({"q": ["a"]}, {"q": set()}, 5, "no question with a relevant id in qrels \\(1 without\\)"),
         ({"q": ["a"], "other": ["b"]}, {"q": {"a"}}, 5, "without labels in qrels: \\['other'\\]"),
         ({"q": "abc"}, {"q": {"a"}}, 5, "must be a list of ids"),
         ({"q": ["a"]}, {"q": {"a"}}, 0, "k must be a positive integer"),
