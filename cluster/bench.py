@@ -22,7 +22,7 @@ from cluster.processes import RagtuneServer, RawVLLMServer, free_port
 from loadtests.bench import BenchContext, Peer, Row, stack_vs_raw
 from serve.config import EngineConfig
 
-__all__ = ["BenchServers", "EXTRA_SECTIONS", "RAYLLM_ENV", "StackVsPeers", "prepare_bench_args"]
+__all__ = ["BenchServers", "EXTRA_SECTIONS", "RAYLLM_ENV", "StackVsPeers", "prepare_bench_args", "raw_vllm_args"]
 
 BENCH_ADAPTERS = [f"bench-{i}" for i in range(1, 9)]
 
@@ -55,21 +55,42 @@ class BenchServers:
         return self._stack.enter_context(RagtuneServer(data, self.workdir, command="up")).url
 
     def start_raw_vllm(self, model_dir: Path) -> str:
-        """The peer: vLLM's own OpenAI server with our engine settings (incl. LoRA enabled)."""
-        e = self.cfg.serve.engine
-        args = ["--dtype", e.dtype, "--max-model-len", str(e.max_model_len), "--max-num-seqs", str(e.max_num_seqs),
-                "--seed", str(e.seed)]
-        args += ["--enforce-eager"] if e.enforce_eager else []
-        if e.enable_lora:
-            args += ["--enable-lora", "--max-loras", str(e.max_loras), "--max-lora-rank", str(e.max_lora_rank),
-                     "--max-cpu-loras", str(e.max_cpu_loras)]
+        """The peer: vLLM's own OpenAI server with our engine settings (incl. LoRA enabled).
+
+        It serves the same 8 bench adapters as ours (``--lora-modules``, when :meth:`start_ours`
+        made them) and runs vLLM's *upstream* CPU LoRA ops: ``VLLM_PLUGINS=""`` keeps our
+        grouped-LoRA plugin (``serve.vllm_patches``, an installed entry point vLLM would otherwise
+        load in every process) out of it.
+        """
         from serve.llm import engine_env
 
-        server = RawVLLMServer(model_dir, e.base_name, free_port(), self.workdir, args, env=engine_env(e))
+        e = self.cfg.serve.engine
+        server = RawVLLMServer(model_dir, e.base_name, free_port(), self.workdir, raw_vllm_args(e, self.adapter_dirs()),
+                               env={**engine_env(e), "VLLM_PLUGINS": ""})
         return self._stack.enter_context(server).url
+
+    def adapter_dirs(self) -> dict[str, Path]:
+        """The bench adapters' PEFT folders (those :meth:`start_ours` registered), by name."""
+        dirs = {name: self.workdir / "src" / name for name in BENCH_ADAPTERS}
+        return {name: path for name, path in dirs.items() if (path / "adapter_config.json").exists()}
 
     def close(self) -> None:
         self._stack.close()
+
+
+def raw_vllm_args(e: EngineConfig, adapters: dict[str, Path]) -> list[str]:
+    """vLLM CLI flags for the raw peer: our engine settings, and ``adapters`` as ``--lora-modules``."""
+    args = ["--dtype", e.dtype, "--max-model-len", str(e.max_model_len), "--max-num-seqs", str(e.max_num_seqs),
+            "--seed", str(e.seed)]
+    args += ["--enforce-eager"] if e.enforce_eager else []
+    if e.enable_prefix_caching is not None:
+        args += ["--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching"]
+    if e.enable_lora:
+        args += ["--enable-lora", "--max-loras", str(e.max_loras), "--max-lora-rank", str(e.max_lora_rank),
+                 "--max-cpu-loras", str(e.max_cpu_loras)]
+        if adapters:
+            args += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
+    return args
 
 
 RAYLLM_ENV = "RAGTUNE_BENCH_RAYLLM"  # 1: add the Ray Serve LLM peer in quick mode too; 0: never
@@ -137,14 +158,16 @@ def prepare_bench_args(args: argparse.Namespace, servers: BenchServers) -> None:
     STACK_VS_PEERS.configure(cfg.serve.engine, model_dir)
 
 
-def _ttft_ms(url: str, body: dict) -> float:
+def _ttft_ms(url: str, body: dict, api_key: str | None = None) -> float:
     """Time to the first content chunk of one streamed chat request, in ms."""
     import time
 
     import httpx
 
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     start = time.perf_counter()
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=headers,
+                      timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
@@ -152,41 +175,178 @@ def _ttft_ms(url: str, body: dict) -> float:
     raise RuntimeError("stream ended without content")
 
 
+PREFIX_CACHE_METRICS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
+
+
+def prefix_cache_counters(url: str, api_key: str | None = None) -> dict[str, float] | None:
+    """vLLM's prefix-cache counters (prompt tokens queried / served from cache) from ``/metrics``.
+
+    Summed over engines and labels; ``None`` if the endpoint or the series are not there.
+    """
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{url}/metrics", headers=headers, timeout=30)
+        r.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:  # (the parser files colon-named counters under "<name>_total" too)
+            name = sample.name.removesuffix("_total")
+            if sample.name.endswith("_total") and name in PREFIX_CACHE_METRICS:
+                out[name] = out.get(name, 0.0) + sample.value
+    return out if len(out) == len(PREFIX_CACHE_METRICS) else None
+
+
+def hit_rate(before: dict[str, float] | None, after: dict[str, float] | None) -> float | None:
+    """Share (%) of the prompt tokens queried between two counter readings that hit the cache."""
+    if before is None or after is None:
+        return None
+    queries = after["vllm:prefix_cache_queries"] - before["vllm:prefix_cache_queries"]
+    hits = after["vllm:prefix_cache_hits"] - before["vllm:prefix_cache_hits"]
+    return 100 * hits / queries if queries > 0 else None
+
+
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # the packaged SmolLM2's
+RAG_SYSTEM = "You answer questions about ragtune. Be brief and cite the documents you use."
+
+
 def rag_overhead_section(ctx: BenchContext) -> list[Row]:
-    """(c') What RAG itself adds to TTFT: the same final prompt, retrieved vs pasted in (c=1).
+    """(c') What RAG itself adds to TTFT: the same final prompt, retrieved vs pasted in, c=1 and c=4.
 
     Section (c) compares RAG with a *shorter* prompt, so most of its gap is prefill of the
-    retrieved text. Here the plain request carries the exact context block the server would build,
-    so the difference is retrieval (embed + Milvus search) plus the extra hop. vLLM's prefix cache
-    would favour whichever of a pair runs second, so a warm-up request caches the prompt first and
-    the measured pair alternates its order: both sides are timed with a warm prefix.
+    retrieved text. Here the plain request carries the exact messages the server would build
+    (``serve.context.with_context``: the client's system message, the fixed context header, the
+    chunks, then the question), so the difference is retrieval (embed + Milvus search) plus the
+    hop. Two phases per concurrency:
+
+    * **repeated** retrieval: each prompt ran once before (warm-up), so vLLM's prefix cache holds
+      it on both sides; the sides alternate their order per round;
+    * **cold**: every request carries a fresh ``cache_salt`` (mixed with the tenant's salt by the
+      ingress), so nothing is reused and both sides prefill the whole prompt.
+
+    The prefix-cache hit rate is the share of prompt tokens vLLM served from cache
+    (``vllm:prefix_cache_hits`` ÷ ``vllm:prefix_cache_queries`` on ``/metrics``) while that side ran.
+    At c=4 four requests of one side (different questions) run at once.
     """
     import statistics
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
     from retrieval.sample_kb import SAMPLE_COLLECTION, SAMPLE_QUESTIONS
-    from serve.context import context_block
+    from serve.context import with_context
 
-    t, top_k = ctx.targets, 3
-    rag_ms, pasted_ms = [], []
-    for _ in range(3 if ctx.mode == "quick" else 10):
-        for question, _doc, _answer in SAMPLE_QUESTIONS:
-            user = [{"role": "user", "content": question}]
-            base = {"model": t.ours_model, "max_tokens": 4, "temperature": 0}
-            hits = httpx.post(f"{t.ours_url}/v1/retrieve", timeout=60,
-                              json={"collection": SAMPLE_COLLECTION, "query": question, "top_k": top_k}).json()["data"]
-            system = {"role": "system", "content": context_block([h["text"] for h in hits], ["<|im_start|>", "<|im_end|>", "<|endoftext|>"])}
-            pasted = {**base, "messages": [system, *user]}
-            rag = {**base, "messages": user, "rag": {"collection": SAMPLE_COLLECTION, "top_k": top_k}}
-            _ttft_ms(t.ours_url, pasted)  # warm the prefix cache for both sides
-            pair = [(pasted_ms, pasted), (rag_ms, rag)]
-            for times, body in pair if len(rag_ms) % 2 else pair[::-1]:
-                times.append(_ttft_ms(t.ours_url, body))
-    rag, pasted = statistics.median(rag_ms), statistics.median(pasted_ms)
-    return [Row("c2_rag_overhead", f"TTFT p50, same prompt @c=1 ({len(rag_ms)} pairs)", rag, pasted, "ms",
-                better="lower", ours_label="rag (retrieved)", peer_label="context pasted in",
-                note=f"added by RAG: {rag - pasted:.0f} ms p50 (goal <= 30 ms)")]
+    t, top_k, quick = ctx.targets, 3, ctx.mode == "quick"
+    headers = {"Authorization": f"Bearer {t.api_key}"} if t.api_key else {}
+    pairs = []  # (rag body, pasted body) per question
+    for question, _doc, _answer in SAMPLE_QUESTIONS:
+        messages = [{"role": "system", "content": RAG_SYSTEM}, {"role": "user", "content": question}]
+        hits = httpx.post(f"{t.ours_url}/v1/retrieve", timeout=60, headers=headers,
+                          json={"collection": SAMPLE_COLLECTION, "query": question, "top_k": top_k}).json()["data"]
+        base = {"model": t.ours_model, "max_tokens": 4, "temperature": 0}
+        pairs.append(({**base, "messages": messages, "rag": {"collection": SAMPLE_COLLECTION, "top_k": top_k}},
+                      {**base, "messages": with_context(messages, [h["text"] for h in hits], SPECIAL_TOKENS)}))
+    rounds = 3 if quick else 10
+    rows = []
+    for c in (1, 4):
+        pool = ThreadPoolExecutor(c)
+        for phase in ("repeated", "cold"):
+            times: dict[str, list[float]] = {"rag": [], "pasted": []}
+            hits: dict[str, list[float]] = {"rag": [], "pasted": []}
+            if phase == "repeated":
+                for pair in pairs:
+                    for body in pair:
+                        _ttft_ms(t.ours_url, body, t.api_key)  # cache every prompt of both sides
+            for n in range(rounds * len(pairs) // c or 1):
+                batch = [pairs[(n * c + i) % len(pairs)] for i in range(c)]
+                sides = [("pasted", 1), ("rag", 0)]
+                for side, index in sides if n % 2 else sides[::-1]:
+                    bodies = [p[index] if phase == "repeated" else {**p[index], "cache_salt": uuid.uuid4().hex}
+                              for p in batch]
+                    before = prefix_cache_counters(t.ours_url, t.api_key)
+                    times[side] += pool.map(lambda b: _ttft_ms(t.ours_url, b, t.api_key), bodies)
+                    rate = hit_rate(before, prefix_cache_counters(t.ours_url, t.api_key))
+                    hits[side] += [] if rate is None else [rate]
+            rag, pasted = statistics.median(times["rag"]), statistics.median(times["pasted"])
+            goal = ("goal <= 30 ms" if c == 1 else "goal <= 1.2×") if phase == "repeated" else "no goal"
+            labels = dict(ours_label="rag (retrieved)", peer_label="context pasted in")
+            rows.append(Row("c2_rag_overhead", f"TTFT p50 {phase} @c={c} ({len(times['rag'])} pairs)", rag, pasted,
+                            "ms", better="lower", **labels, note=f"added by RAG: {rag - pasted:+.0f} ms p50 ({goal})"))
+            rates = {side: statistics.mean(v) if v else None for side, v in hits.items()}
+            rows.append(Row("c2_rag_overhead", f"prefix-cache hit rate {phase} @c={c}", rates["rag"],
+                            rates["pasted"], "% prompt tokens", **labels,
+                            note="vllm:prefix_cache_hits ÷ queries while that side ran"
+                            + ("" if rates["rag"] is not None else "; /metrics has no prefix-cache series")))
+        pool.shutdown()
+    return rows
+
+
+RETRIEVE_CHUNKS_ENV = "RAGTUNE_BENCH_RETRIEVE_CHUNKS"  # e.g. "10000,30000": collection sizes for d2
+
+
+def retrieve_sizes(mode: str) -> list[int]:
+    """Collection sizes section d2 measures: 10k (quick), 10k and 100k (full), or the env's list."""
+    raw = os.environ.get(RETRIEVE_CHUNKS_ENV, "").strip()
+    if not raw:
+        return [10_000] if mode == "quick" else [10_000, 100_000]
+    try:
+        sizes = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ValueError(f"{RETRIEVE_CHUNKS_ENV}={raw!r}: expected a comma list of chunk counts") from exc
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"{RETRIEVE_CHUNKS_ENV}={raw!r}: expected positive chunk counts")
+    return sizes
+
+
+def retrieve_section(ctx: BenchContext) -> list[Row]:
+    """(d2) ``Retriever.retrieve`` latency with 16 concurrent clients vs 1 client, dense and hybrid.
+
+    In-process on a fresh Milvus Lite collection of short synthetic chunks (one chunk each, ~280
+    characters, embedded in the ingest's big batches) per size in :func:`retrieve_sizes`. The
+    Retriever batches concurrent query embeddings into one model call and runs the embedder and
+    the Milvus calls in worker threads (off the event loop). Goal: p99 <= 100 ms at 10k, 16 clients.
+    """
+    import asyncio
+
+    from retrieval.bench import _config, _load, synthetic_documents
+    from retrieval.embedder import Embedder
+    from retrieval.retriever import Retriever
+
+    quick, embedder, rows = ctx.mode == "quick", Embedder(), []
+    queries = [d.text[:80] for d in synthetic_documents(16 * 25, 200, seed=3)]
+    for size in retrieve_sizes(ctx.mode):
+        with tempfile.TemporaryDirectory(prefix="retrieve-") as tmp:
+            config = _config(Path(tmp), 300)
+            config = config.model_copy(update={"ingest": config.ingest.model_copy(update={"batch_chunks": 1024})})
+            retriever = Retriever(config, embedder=embedder)
+            try:
+                summary = retriever.ingestor.ingest("bench-retrieve", "bench", synthetic_documents(size, 280, seed=2),
+                                                    progress=ctx.progress)
+                for mode in ("dense", "hybrid"):
+                    loaded = {r["metric"]: r for r in asyncio.run(_load(retriever, queries[:16 * (10 if quick else 25)],
+                                                                        16, mode))}
+                    alone = {r["metric"]: r for r in asyncio.run(_load(retriever, queries[:40], 1, mode))}
+                    label = f"{mode} @{summary.chunks // 1000}k chunks"
+                    labels = dict(ours_label="16 clients", peer_label="1 client")
+                    rows += [
+                        Row("d2_retrieve", f"p50 {label}", loaded["p50_latency"]["value"],
+                            alone["p50_latency"]["value"], "ms", better="lower", **labels,
+                            note=f"ingest {summary.chunks} chunks in {summary.seconds:.0f} s"),
+                        Row("d2_retrieve", f"p99 {label}", loaded["p99_latency"]["value"],
+                            alone["p99_latency"]["value"], "ms", better="lower", **labels,
+                            note="goal <= 100 ms at 10k" if size == 10_000 else ""),
+                        Row("d2_retrieve", f"queries/s {label}", loaded["throughput"]["value"],
+                            alone["throughput"]["value"], "queries/s", **labels,
+                            note=f"{loaded['p99_latency']['queries']} queries"),
+                    ]
+            finally:
+                retriever.close()
+    return rows
 
 
 def ingest_section(ctx: BenchContext) -> list[Row]:
@@ -223,4 +383,4 @@ def training_section(ctx: BenchContext) -> list[Row]:
 # "a_stack_vs_raw" replaces the serving section of that name in place (loadtests.cli merges
 # {**SERVING_SECTIONS, **EXTRA_SECTIONS}, which keeps its position): the same rows plus Ray Serve LLM.
 EXTRA_SECTIONS = {"a_stack_vs_raw": STACK_VS_PEERS, "c2_rag_overhead": rag_overhead_section,
-                  "d_ingest": ingest_section, "e_training": training_section}
+                  "d_ingest": ingest_section, "d2_retrieve": retrieve_section, "e_training": training_section}

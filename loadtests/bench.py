@@ -5,7 +5,8 @@ two ways (``ours`` and ``peer``) and their ratio. This module ships the serving 
 
 * ``a_stack_vs_raw`` — our stack vs a raw vLLM OpenAI server (and any ``extra_peers``, e.g.
   Ray Serve LLM), at concurrency 1/4/16;
-* ``b_adapters`` — base model only vs a mix of 3 and of 8 adapters (on our stack);
+* ``b_adapters`` — base model only vs a mix of 3 and of 8 adapters (on our stack), and the 8-adapter
+  mix on ours vs on the raw vLLM peer serving the same adapters;
 * ``c_rag`` — chat with RAG vs without (on our stack);
 
 and accepts more (ingest, training) from other modules: any callable returning :class:`Row`\\ s.
@@ -16,6 +17,7 @@ caller's job (``cluster/cli.py`` injects ``start_ours(config) -> url`` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -151,18 +153,66 @@ def stack_vs_raw(ctx: BenchContext) -> list[Row]:
     return skipped + [row for group in rows.values() for row in group]
 
 
+RAW_LORA_NOTE = ("raw vLLM's CPU LoRA ops compute the base rows of mixed batches with the wrong adapter "
+                 "(DESIGN.md trap 1): its speed, not correct output")
+
+
+def served_models(url: str, api_key: str | None = None) -> set[str]:
+    """Model ids a server lists on ``/v1/models`` (empty if it does not answer)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+        r.raise_for_status()
+        return {m["id"] for m in r.json().get("data", [])}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return set()
+
+
 def adapter_mix(ctx: BenchContext) -> list[Row]:
-    """(b) Base model only vs an even mix of 3 and of 8 adapters, on our stack (c=4 quick, 16 full)."""
+    """(b) Base model only vs an even mix of 3 and of 8 adapters, on our stack (c=4 quick, 16 full).
+
+    When the raw vLLM peer serves the same 8 adapter names (``cluster/bench.py`` starts it with
+    ``--lora-modules``), the same 8-adapter mix and base-only load also run there: rows ours vs
+    raw vLLM, and the mix ÷ base ratio of each side.
+    """
     t, c = ctx.targets, 4 if ctx.mode == "quick" else 16
     base = ctx.loadtest(f"b-base-c{c}", t.ours_url, [t.ours_model], c)
-    rows = []
+    rows, mixes = [], {}
     for n in (3, 8):
         if len(t.adapters) < n:
             rows.append(Row("b_adapters", f"{n} adapters", None, None,
                             note=f"skipped: needs {n} adapter names, got {len(t.adapters)}"))
             continue
-        mixed = ctx.loadtest(f"b-mix{n}-c{c}", t.ours_url, list(t.adapters[:n]), c)
-        rows += _rows("b_adapters", f"{n} adapters @c={c}", mixed, base, (f"{n}-adapter mix", "base only"))
+        mixes[n] = ctx.loadtest(f"b-mix{n}-c{c}", t.ours_url, list(t.adapters[:n]), c)
+        rows += _rows("b_adapters", f"{n} adapters @c={c}", mixes[n], base, (f"{n}-adapter mix", "base only"))
+    return rows + _raw_adapter_mix(ctx, c, base, mixes.get(8))
+
+
+def _raw_adapter_mix(ctx: BenchContext, c: int, base: Report, mixed: Report | None) -> list[Row]:
+    """Ours vs raw vLLM with the same 8 adapters (only if the peer serves them)."""
+    t = ctx.targets
+    labels = dict(ours_label="ours", peer_label="raw vLLM")
+    if not t.peer_url or mixed is None:
+        return []
+    names = list(t.adapters[:8])
+    missing = [n for n in names if n not in served_models(t.peer_url, t.api_key)]
+    if missing:
+        return [Row("b_adapters", "8 adapters on raw vLLM", None, None, **labels,
+                    note=f"skipped: the peer does not serve {missing[:3]}{'…' if len(missing) > 3 else ''}")]
+    peer_base = ctx.loadtest(f"b-raw-base-c{c}", t.peer_url, [t.peer_model or t.ours_model], c)
+    peer_mixed = ctx.loadtest(f"b-raw-mix8-c{c}", t.peer_url, names, c)
+    rows = [dataclasses.replace(r, note=RAW_LORA_NOTE if not r.note else f"{r.note}; {RAW_LORA_NOTE}")
+            for r in _rows("b_adapters", f"8-adapter mix @c={c}", mixed, peer_mixed, ("ours", "raw vLLM"))]
+
+    def share(mix: Report, only: Report) -> float | None:
+        m, b = mix.steps[0].output_tokens_per_s, only.steps[0].output_tokens_per_s
+        return m / b if m is not None and b else None
+
+    rows.append(Row("b_adapters", f"8-adapter mix ÷ base output tok/s @c={c}", share(mixed, base),
+                    share(peer_mixed, peer_base), "×", **labels,
+                    note=f"goal (ours) >= 0.85 in full mode; {RAW_LORA_NOTE}"))
     return rows
 
 

@@ -53,10 +53,28 @@ def context_block(chunks: Sequence[str], special: Sequence[str]) -> str:
 
 
 def with_context(messages: list[Any], chunks: Sequence[str], special: Sequence[str]) -> list[Any]:
-    """Put retrieved chunks into a system message before the conversation."""
+    """Put retrieved chunks into the system message, ahead of the conversation.
+
+    Order is chosen for vLLM's prefix cache (KV blocks are reused for a shared *leading* run of
+    tokens): the client's own system message (its fixed instructions) comes first, then the fixed
+    context header, then the chunks in retrieval order, then the turns. Requests of one client
+    therefore share the instructions and header even when their retrievals differ, and a repeated
+    retrieval shares everything up to the question. The context is appended to the client's first
+    system message (one system turn: templates that allow a system message only first keep
+    working); without one it becomes its own system message.
+    """
     if not chunks:
         return messages
-    return [{"role": "system", "content": context_block(chunks, special)}, *messages]
+    block = context_block(chunks, special)
+    first = messages[0] if messages else None
+    if isinstance(first, dict) and first.get("role") == "system":
+        content = first.get("content")
+        if isinstance(content, str) and content:
+            return [{**first, "content": f"{content}\n\n{block}"}, *messages[1:]]
+        if isinstance(content, list):
+            return [{**first, "content": [*content, {"type": "text", "text": f"\n\n{block}"}]}, *messages[1:]]
+        return [{**first, "content": block}, *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
 
 
 def _neutralise_content(content: Any, special: Sequence[str]) -> Any:

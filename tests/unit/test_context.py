@@ -75,6 +75,26 @@ def test_with_context_prepends_one_system_message():
     assert with_context(messages, [], SPECIAL) is messages
 
 
+def test_with_context_keeps_shared_parts_first_for_the_prefix_cache():
+    """Client instructions, then the fixed header, then chunks in retrieval order, then the turns."""
+    system = {"role": "system", "content": "Answer in French."}
+    user = {"role": "user", "content": "q"}
+    out = with_context([system, user], ["first chunk", "second chunk"], SPECIAL)
+    assert [m["role"] for m in out] == ["system", "user"] and out[1] == user  # one system turn
+    text = out[0]["content"]
+    header = context_block(["x"], SPECIAL).split("\n\n<documents>")[0]
+    assert text.startswith("Answer in French.\n\n" + header)
+    assert text.index("first chunk") < text.index("second chunk")
+    # Two different retrievals of one client share everything before the first chunk.
+    other = with_context([system, user], ["another chunk"], SPECIAL)[0]["content"]
+    shared = text[: text.index("first chunk")]
+    assert other.startswith(shared) and "<document index=\"1\">" in shared
+    assert with_context([system, user], ["first chunk", "second chunk"], SPECIAL) == out  # same retrieval, same prompt
+    parts = with_context([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, user], ["c"], SPECIAL)
+    assert parts[0]["content"][0] == {"type": "text", "text": "Be brief."} and "c" in parts[0]["content"][1]["text"]
+    assert system == {"role": "system", "content": "Answer in French."}  # the caller's message is not mutated
+
+
 def test_untrusted_turns_are_neutralised_and_trusted_ones_untouched():
     messages = [
         {"role": "system", "content": FORGED},

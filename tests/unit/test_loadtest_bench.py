@@ -135,3 +135,87 @@ def test_locustfile_records_ttft(tmp_path):
 def test_overhead_tool_smoke():
     row = measure_generator("httpx", concurrency=4, requests=40, output_tokens=2, cores=None)
     assert row["ok"] == 40 and row["req_per_s"] > 0
+
+
+def test_adapter_mix_on_raw_vllm_peer_with_the_same_adapters(servers, tmp_path, monkeypatch):
+    import loadtests.bench as bench
+
+    ours, peer = servers
+    names = tuple(f"ad{i}" for i in range(8))
+    monkeypatch.setattr(bench, "served_models", lambda url, api_key=None: {"raw", *names} if url == peer.url else set())
+    targets = BenchTargets(ours_url=ours.url, ours_model="base", peer_url=peer.url, peer_model="raw", adapters=names)
+    rows = _by_metric(bench.adapter_mix(BenchContext(targets=targets, work_dir=tmp_path)))
+    tpot = rows["b_adapters", "TPOT p50 8-adapter mix @c=4"]
+    assert tpot.ours_label == "ours" and tpot.peer_label == "raw vLLM" and "wrong adapter" in tpot.note
+    assert tpot.peer >= 11.5 and tpot.ratio < 1  # the peer streams >= 12 ms per token, ours ~0
+    share = rows["b_adapters", "8-adapter mix ÷ base output tok/s @c=4"]
+    assert share.ours is not None and share.peer is not None and "DESIGN.md trap 1" in share.note
+    assert peer.stats.by_model["raw"] == 8 and sum(peer.stats.by_model.get(n, 0) for n in names) == 8
+
+    monkeypatch.setattr(bench, "served_models", lambda url, api_key=None: {"raw"})
+    rows = _by_metric(bench.adapter_mix(BenchContext(targets=targets, work_dir=tmp_path / "2")))
+    assert rows["b_adapters", "8 adapters on raw vLLM"].note.startswith("skipped: the peer does not serve ['ad0'")
+
+
+def test_raw_vllm_peer_gets_the_adapters_and_upstream_ops(tmp_path, monkeypatch):
+    import cluster.bench as cb
+
+    servers = cb.BenchServers()
+    for name in cb.BENCH_ADAPTERS[:2]:
+        (servers.workdir / "src" / name).mkdir(parents=True)
+        (servers.workdir / "src" / name / "adapter_config.json").write_text("{}")
+    seen = {}
+
+    class FakeRaw:
+        def __init__(self, model_dir, name, port, workdir, args, env=None):
+            seen.update(args=args, env=env)
+            self.url = "http://peer"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(cb, "RawVLLMServer", FakeRaw)
+    assert servers.start_raw_vllm(tmp_path) == "http://peer"
+    args, e = seen["args"], servers.cfg.serve.engine
+    assert seen["env"]["VLLM_PLUGINS"] == ""  # upstream LoRA ops, not our plugin
+    assert args[args.index("--max-loras") + 1] == str(e.max_loras)
+    modules = args[args.index("--lora-modules") + 1:]
+    assert modules == [f"{n}={servers.workdir / 'src' / n}" for n in cb.BENCH_ADAPTERS[:2]]
+    servers.close()
+    off = cb.raw_vllm_args(e.model_copy(update={"enable_prefix_caching": False, "enable_lora": False}), {})
+    assert "--no-enable-prefix-caching" in off and "--enable-lora" not in off and "--lora-modules" not in off
+
+
+def test_prefix_cache_counters_and_hit_rate(monkeypatch):
+    import httpx
+
+    import cluster.bench as cb
+
+    text = ("# TYPE vllm:prefix_cache_queries counter\n"
+            'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 300.0\n'
+            "# TYPE vllm:prefix_cache_hits counter\n"
+            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 120.0\n')
+    monkeypatch.setattr(httpx, "get", lambda url, **kw: httpx.Response(200, text=text, request=httpx.Request("GET", url)))
+    after = cb.prefix_cache_counters("http://x")
+    assert after == {"vllm:prefix_cache_queries": 300.0, "vllm:prefix_cache_hits": 120.0}
+    before = {"vllm:prefix_cache_queries": 100.0, "vllm:prefix_cache_hits": 20.0}
+    assert cb.hit_rate(before, after) == pytest.approx(50.0)
+    assert cb.hit_rate(after, after) is None and cb.hit_rate(None, after) is None
+    monkeypatch.setattr(httpx, "get", lambda url, **kw: httpx.Response(200, text="x_total 1\n",
+                                                                        request=httpx.Request("GET", url)))
+    assert cb.prefix_cache_counters("http://x") is None
+
+
+def test_retrieve_sizes(monkeypatch):
+    import cluster.bench as cb
+
+    monkeypatch.delenv(cb.RETRIEVE_CHUNKS_ENV, raising=False)
+    assert cb.retrieve_sizes("quick") == [10_000] and cb.retrieve_sizes("full") == [10_000, 100_000]
+    monkeypatch.setenv(cb.RETRIEVE_CHUNKS_ENV, "10000, 30000")
+    assert cb.retrieve_sizes("full") == [10_000, 30_000]
+    monkeypatch.setenv(cb.RETRIEVE_CHUNKS_ENV, "10k")
+    with pytest.raises(ValueError, match="RAGTUNE_BENCH_RETRIEVE_CHUNKS='10k'"):
+        cb.retrieve_sizes("quick")
