@@ -2,6 +2,12 @@
 
 * ``bench_ingest``: ingest rate (chunks/s, end to end: chunk, hash, embed, upsert, flush) vs the
   raw embedder's encode rate on the same chunk texts. Goal: ratio >= 0.9.
+* ``bench_ingest_scale``: the same ratio at scale (``--scale 100000``: 100k chunks through the
+  real write path, batched embedding and bulk upserts); the raw rate is measured on a sample of
+  the same chunk texts before and after the ingest.
+* ``bench_quality``: hit@k, MRR@k, nDCG@k (``retrieval.quality``) on a labelled set (a folder of
+  documents + JSON Lines of ``{"id", "question", "documents": [ids]}``) for chunk sizes, heading
+  context on/off and dense/hybrid: ``--quality DOCS QA.jsonl``.
 * ``bench_retrieve``: retrieve latency p50/p99 and throughput with 16 concurrent clients through
   ``Retriever.retrieve`` in-process, dense and hybrid, on a synthetic collection (10k chunks;
   ``quick`` uses 500).
@@ -30,7 +36,7 @@ from retrieval.retriever import Retriever
 from retrieval.sample_kb import SAMPLE_KB_DIR
 from retrieval.types import Document, EmbedderLike
 
-__all__ = ["bench_ingest", "bench_retrieve", "main", "run", "synthetic_documents"]
+__all__ = ["bench_ingest", "bench_ingest_scale", "bench_quality", "bench_retrieve", "main", "run", "synthetic_documents"]
 
 Row = dict[str, Any]
 
@@ -98,6 +104,94 @@ def bench_ingest(workdir: Path, *, docs: int = 60, doc_chars: int = 2400, chunk_
         _row("ingest", "ingest_rate", ingest_rate, "chunks/s", chunks=summary.chunks, docs=summary.added),
         _row("ingest", "ingest_vs_raw", ingest_rate / raw_rate, "ratio", goal=">= 0.9"),
     ]
+
+
+def bench_ingest_scale(workdir: Path, *, chunks: int = 100_000, chunk_chars: int = 300, sample: int = 4096,
+                       embedder: EmbedderLike | None = None, progress: bool = True) -> list[Row]:
+    """Ingest ``chunks`` chunks (synthetic documents of ~4 chunks each) and compare with raw encode.
+
+    Args:
+        workdir: Folder for a fresh Milvus Lite file.
+        chunks: Chunks to ingest (documents are generated until the chunker yields this many).
+        chunk_chars: Chunk size in characters (300 = ~70 MiniLM tokens; overlap 1/8 of it).
+        sample: Chunk texts encoded raw, before and after the ingest, for the reference rate.
+        embedder: Reuse a loaded embedder (else the configured one is loaded).
+        progress: Show the ingest's tqdm bar.
+    """
+    config = _config(workdir, chunk_chars)
+    retriever = Retriever(config, embedder=embedder)
+    chunker = retriever.ingestor.chunker
+    documents, texts, seed = [], [], 10
+    while len(texts) < chunks:
+        batch = synthetic_documents(1000, chunk_chars * 7 // 2, seed=seed)
+        for doc in batch:
+            doc = Document(f"{doc.id}-{seed}", doc.text, doc.source)
+            documents.append(doc)
+            texts.extend(chunker.split(doc.text))
+            if len(texts) >= chunks:
+                break
+        seed += 1
+    try:
+        retriever.embedder.encode(texts[:128])
+        retriever.ingestor.ingest("bench-scale", "bench", [Document("warm-up", "warm up")], progress=False)
+        probe = texts[:: max(1, len(texts) // sample)][:sample]
+        raw_seconds = _timed(retriever.embedder.encode, probe)
+        summary = retriever.ingestor.ingest("bench-scale", "bench", documents, progress=progress)
+        raw_seconds = (raw_seconds + _timed(retriever.embedder.encode, probe)) / 2
+    finally:
+        retriever.close()
+    raw_rate, ingest_rate = len(probe) / raw_seconds, summary.chunks / summary.seconds
+    return [
+        _row("ingest_scale", "raw_encode_rate", raw_rate, "chunks/s", chunks=len(probe)),
+        _row("ingest_scale", "ingest_rate", ingest_rate, "chunks/s", chunks=summary.chunks, docs=summary.added,
+             seconds=round(summary.seconds, 1)),
+        _row("ingest_scale", "ingest_vs_raw", ingest_rate / raw_rate, "ratio", goal=">= 0.9"),
+    ]
+
+
+def bench_quality(workdir: Path, docs: Path, qa: Path, *, k: int = 5, sizes: tuple[int, ...] = (400, 800),
+                  embedder: EmbedderLike | None = None) -> list[Row]:
+    """Retrieval quality per chunking/mode choice on a labelled set (document-level relevance).
+
+    Args:
+        workdir: Folder for fresh Milvus Lite files.
+        docs: Folder of documents (ids = paths relative to it).
+        qa: JSON Lines with ``id``, ``question`` and ``documents`` (the relevant document ids).
+        k: Cut-off rank.
+        sizes: Chunk sizes (characters) to compare.
+        embedder: Reuse a loaded embedder (else the configured one is loaded).
+    """
+    from retrieval.quality import retrieval_metrics
+
+    items = [json.loads(line) for line in qa.read_text(encoding="utf-8").splitlines() if line.strip()]
+    qrels = {str(item["id"]): set(item["documents"]) for item in items}
+    rows = []
+    for size in sizes:
+        for context in (True, False):
+            chunking = ChunkingConfig(size=size, overlap=size // 8, heading_context=context)
+            config = _config(workdir / f"q{size}{context}", size).model_copy(update={"chunking": chunking})
+            retriever = Retriever(config, embedder=embedder)
+            embedder = retriever.embedder
+            try:
+                summary = retriever.ingestor.ingest_paths("quality", "bench", [docs], progress=False)
+                for mode in ("dense", "hybrid"):
+                    run = asyncio.run(_ranked_documents(retriever, items, k, mode))
+                    metrics = retrieval_metrics(run, qrels, k=k)
+                    rows += [_row("quality", name, value, "", size=size, heading_context=context, mode=mode,
+                                  chunks=summary.chunks, queries=metrics["queries"])
+                             for name, value in metrics.items() if "@" in name]
+            finally:
+                retriever.close()
+    return rows
+
+
+async def _ranked_documents(retriever: Retriever, items: list[dict], k: int, mode: str) -> dict[str, list[str]]:
+    run = {}
+    for item in items:
+        # Extra chunks so that k distinct documents are ranked even when one document has several hits.
+        chunks = await retriever.retrieve(item["question"], "quality", "bench", top_k=4 * k, mode=mode)
+        run[str(item["id"])] = list(dict.fromkeys(c.document for c in chunks))[:k]
+    return run
 
 
 def _timed(fn: Any, *args: Any) -> float:
@@ -172,9 +266,21 @@ def main(argv: list[str] | None = None) -> None:
     size.add_argument("--quick", action="store_true", default=True, help="small sizes (default)")
     size.add_argument("--full", action="store_true", help="10k-chunk collection (several minutes)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to put temporary Milvus files")
+    parser.add_argument("--scale", type=int, default=None, metavar="CHUNKS",
+                        help="only the ingest-at-scale benchmark with this many chunks (e.g. 100000)")
+    parser.add_argument("--quality", nargs=2, type=Path, default=None, metavar=("DOCS", "QA_JSONL"),
+                        help="only the retrieval-quality comparison on a labelled set")
     args = parser.parse_args(argv)
-    for row in run(quick=not args.full, workdir=args.workdir):
-        print(json.dumps(row))
+    if args.quality:
+        with tempfile.TemporaryDirectory(prefix="ragtune-bench-", dir=args.workdir) as tmp:
+            rows = bench_quality(Path(tmp), *args.quality)
+    elif args.scale:
+        with tempfile.TemporaryDirectory(prefix="ragtune-bench-", dir=args.workdir) as tmp:
+            rows = bench_ingest_scale(Path(tmp), chunks=args.scale)
+    else:
+        rows = run(quick=not args.full, workdir=args.workdir)
+    for row in rows:
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ Office files into Markdown; ``.txt`` documents are read as plain paragraphs):
    of the embedder's tokenizer). A block that fits is never cut, so a table that fits stays whole.
    A block longer than ``size`` is split by ``semchunk`` (which cuts at the largest whitespace runs,
    then sentences, then words) with ``overlap`` units shared between its pieces.
-4. **Context.** With ``heading_context`` a chunk that does not start with its own heading gets its
-   heading path as a first line, so the embedding and BM25 see which section it belongs to; the
-   prefix counts against the budget.
+4. **Context** (``heading_context``, off by default): a chunk that does not start with its own
+   heading gets its heading path as a first line; the prefix counts against the budget.
 
 Each chunk keeps its character span in the document text, its heading path and (PDF) page. The
 packing is hand-written (~20 lines) because the splitters on PyPI (semchunk, langchain's

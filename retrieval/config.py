@@ -72,9 +72,10 @@ class ChunkingConfig(StrictModel):
         default=120, ge=0, description="Units shared by consecutive pieces of a block longer than size; < size."
     )
     heading_context: bool = Field(
-        default=True,
+        default=False,
         description="Start each chunk that does not begin at its own heading with its heading path "
-        "('Handbook › Refunds'), so embedding and BM25 see its section; counted in size.",
+        "('Handbook › Refunds'), counted in size. Off by default: measured no gain on the example eval set "
+        "and one sample-KB question lost at size 800 (retrieval/bench.py --quality).",
     )
 
     @model_validator(mode="after")

@@ -135,13 +135,13 @@ def test_tenant_isolation(retriever):
 
 def test_concurrent_retrieves_share_embedding_calls(retriever, monkeypatch):
     calls = []
-    encode = retriever.embedder.encode
+    encode = retriever.embedder.encode_queries  # queries are embedded with the query prompt
 
     def counting(texts):
         calls.append(len(texts))
         return encode(texts)
 
-    monkeypatch.setattr(retriever.embedder, "encode", counting)
+    monkeypatch.setattr(retriever.embedder, "encode_queries", counting)
 
     async def eight():
         questions = [q for q, _, _ in SAMPLE_QUESTIONS] * 2
@@ -171,7 +171,7 @@ def test_bad_input_is_reported_per_item(retriever, tmp_path):
     summary = retriever.ingestor.ingest_paths("files", "acme", [tmp_path], progress=False)
     assert (summary.added, summary.failed) == (1, 2)
     reasons = {Path(e.item).name: e.reason for e in summary.errors}
-    assert "not valid UTF-8" in reasons["latin1.txt"] and "PDF is not supported" in reasons["scan.pdf"]
+    assert "not valid UTF-8" in reasons["latin1.txt"] and "corrupt PDF" in reasons["scan.pdf"]
 
     with pytest.raises(InvalidRequestError, match="unknown field 'no_such_field'"):
         run(retriever.retrieve("fine", "inputs", "acme", filter="no_such_field == 1"))
