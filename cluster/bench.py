@@ -283,7 +283,30 @@ def rag_overhead_section(ctx: BenchContext) -> list[Row]:
                             note="vllm:prefix_cache_hits ÷ queries while that side ran"
                             + ("" if rates["rag"] is not None else "; /metrics has no prefix-cache series")))
         pool.shutdown()
-    return rows
+    return rows + [_prefix_cache_agreement(t.ours_url, t.api_key, pairs)]
+
+
+def _completion_text(url: str, body: dict, api_key: str | None) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 16, "stream": False},
+                   headers=headers, timeout=300)
+    r.raise_for_status()
+    return r.json()["choices"][0]["message"]["content"] or ""
+
+
+def _prefix_cache_agreement(url: str, api_key: str | None, pairs: list[tuple[dict, dict]]) -> Row:
+    """Is a reply the same from a cached prefix as from a full prefill? Greedy, 16 tokens, per question:
+    the pasted prompt with a fresh ``cache_salt`` (nothing reusable) vs with none (its prefix is cached)."""
+    import uuid
+
+    same = sum(_completion_text(url, {**pasted, "cache_salt": uuid.uuid4().hex}, api_key)
+               == _completion_text(url, pasted, api_key) for _rag, pasted in pairs)
+    return Row("c2_rag_overhead", "greedy replies equal, cached prefix vs full prefill", same, len(pairs),
+               "prompts", ours_label="identical replies", peer_label="prompts compared",
+               note=f"{same} of {len(pairs)} identical (16 tokens, temperature 0): prefix caching "
+                    + ("changes no reply" if same == len(pairs) else "CHANGED some replies"))
 
 
 RETRIEVE_CHUNKS_ENV = "RAGTUNE_BENCH_RETRIEVE_CHUNKS"  # e.g. "10000,30000": collection sizes for d2
