@@ -199,13 +199,15 @@ def convert_html(data: bytes) -> Converted:
         ConversionError: The page has no main text.
     """
     import trafilatura
+    from trafilatura.utils import decode_file
 
-    html = data.decode("utf-8", errors="replace")
+    # trafilatura's decoder honours the page's charset (BOM, <meta charset>) and guesses otherwise.
+    html = decode_file(data)
+    html = _without_boilerplate(html) or html
     options = {"output_format": "markdown", "include_tables": True, "include_formatting": True,
                "include_links": False, "include_images": False, "include_comments": False}
     # favor_precision keeps most boilerplate out, but on small pages trafilatura's fallbacks return
     # menus: navigation, page headers/footers and scripts are cut from the tree first.
-    html = _without_boilerplate(html) or html
     text = trafilatura.extract(html, favor_precision=True, **options) or trafilatura.extract(html, **options)
     if not text or not text.strip():
         raise ConversionError("HTML page has no main text (only navigation, scripts or markup)")

@@ -82,6 +82,16 @@ def test_html_main_text_without_navigation_or_scripts(tmp_path):
     assert "| Student | 5 EUR |" in doc.text  # the table, as a Markdown table
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "iso-8859-1"])
+def test_html_in_its_declared_charset(tmp_path, encoding):
+    page = (f'<html><head><meta charset="{encoding}"><title>Menu</title></head><body><main><h1>Café</h1>'
+            "<p>The café serves crème brûlée every day of the week, with coffee and tea for everyone.</p>"
+            "</main></body></html>")
+    (tmp_path / "menu.html").write_bytes(page.encode(encoding))
+    [doc] = load(tmp_path)
+    assert "crème brûlée" in doc.text and "# Café" in doc.text
+
+
 def test_docx_headings_and_table(tmp_path):
     [doc] = load(documents.write_docx(tmp_path / "report.docx"))
     assert doc.metadata["format"] == "docx"
