@@ -38,6 +38,7 @@ class Answer:
     question_id: str
     reply: str = ""
     sources: list[dict] = field(default_factory=list)
+    rag: dict | None = None  # the server's {chunks_retrieved, chunks_used, chunks_dropped}
     ttft_ms: float | None = None
     e2e_ms: float | None = None
     prompt_tokens: int | None = None
@@ -83,6 +84,8 @@ class Asker:
                 extra_fields = chunk.model_extra or {}
                 if "sources" in extra_fields:
                     answer.sources = list(extra_fields["sources"] or [])
+                if extra_fields.get("rag"):
+                    answer.rag = dict(extra_fields["rag"])
                 if chunk.usage is not None:
                     answer.prompt_tokens = chunk.usage.prompt_tokens
                     answer.completion_tokens = chunk.usage.completion_tokens
