@@ -200,6 +200,9 @@ class LimitsConfig(StrictModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body in bytes (413 beyond).")
     max_concurrent_requests: int = Field(256, ge=1, description="Requests in flight per ingress replica before 429 + Retry-After.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429/503.")
+    # vLLM scans every stop string against the new output at each step: their count and length are work per token.
+    max_stop_strings: int = Field(16, ge=1, le=1024, description="Most `stop` strings per request (400 beyond).")
+    max_stop_chars: int = Field(256, ge=1, le=65536, description="Longest `stop` string in characters (400 beyond).")
 
 
 class ApiKey(StrictModel):

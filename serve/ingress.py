@@ -270,11 +270,12 @@ class Ingress:
                                       param="max_tokens")
         if (getattr(req, "n", 1) or 1) > limits.max_n:
             raise InvalidRequestError(f"n={req.n} exceeds this server's limit of {limits.max_n}", param="n")
-        # vLLM scans every stop string against the output at each step: 16 of at most 256 characters.
+        # vLLM scans every stop string against the output at each step (limits.max_stop_strings/_chars).
         stop = getattr(req, "stop", None) or []
         stop = [stop] if isinstance(stop, str) else stop
-        if len(stop) > 16 or any(len(s) > 256 for s in stop):
-            raise InvalidRequestError(f"stop: at most 16 stop strings of at most 256 characters each (got {len(stop)}, "
+        if len(stop) > limits.max_stop_strings or any(len(s) > limits.max_stop_chars for s in stop):
+            raise InvalidRequestError(f"stop: at most {limits.max_stop_strings} stop strings of at most "
+                                      f"{limits.max_stop_chars} characters each (got {len(stop)}, "
                                       f"longest {max(map(len, stop))})", param="stop")
 
     async def _read(self, request: Request) -> dict:

@@ -303,6 +303,15 @@ def test_max_tokens_cap_is_a_400_that_states_the_limit(tmp_path, tiny_model, ada
     assert client.post("/v1/completions", json=_completion(max_tokens=100), headers=_h()).status_code == 200
 
 
+def test_stop_string_bounds_come_from_the_config(tmp_path, tiny_model, adapter_dirs):
+    client = _app(tmp_path, tiny_model, adapter_dirs, "serve.limits.max_stop_chars=8",
+                  "serve.limits.max_stop_strings=2").client
+    assert client.post("/v1/completions", json=_completion(stop=["x" * 8, "y"]), headers=_h()).status_code == 200
+    for stop in ("x" * 9, ["a", "b", "c"]):
+        err = _error(client.post("/v1/completions", json=_completion(stop=stop), headers=_h()), 400, param="stop")
+        assert "at most 2 stop strings of at most 8 characters" in err["message"]
+
+
 def test_no_max_tokens_cap_by_default(client):
     # limits.max_tokens is None: only the context window bounds the answer (as vLLM does).
     assert client.post("/v1/completions", json=_completion(max_tokens=200), headers=_h()).status_code == 200
