@@ -200,9 +200,9 @@ def launch(cfg: TrainConfig) -> TrainOutcome:
         ray.train.TrainingFailedError: when the workers fail more than ``run.max_failures`` times.
     """
     cfg = resolve_paths(cfg)
+    check_resume_compatible(cfg)  # first: cheap, and a refused resubmission should not tokenise anything
     prepared = prepare(cfg)
     check_resources(cfg)
-    check_resume_compatible(cfg)
     run = tracking.start_run(cfg, dataset_hash=prepared.dataset_hash, data_stats=prepared.stats.as_dict(),
                              base_model_path=prepared.model_path)
     try:

@@ -17,6 +17,12 @@ transformers build the model under ``deepspeed.zero.Init``, so no rank ever hold
 model; the LoRA parameters are gathered (a collective) whenever the best or final adapter is
 copied out.
 
+Elastic resume: a ZeRO checkpoint holds one optimizer partition per data-parallel rank. When
+the run resumes on a different number of workers (a cluster that lost a node), every rank
+converts its copy to DeepSpeed's *universal* checkpoint (``ds_to_universal``: one fp32 + Adam
+moments file per parameter, no partitioning) and loads that with ``checkpoint.load_universal``,
+which re-partitions for the new world size. Same world size: the native files, no conversion.
+
 Steps are optimizer steps. The data position is a pure function of the step (micro-batch
 ``step * grad_accum`` of a seeded, per-epoch shuffle), so a resumed run continues with exactly
 the batches it would have seen.
@@ -50,8 +56,8 @@ _BEST = "best_lora.safetensors"  # rank 0's copy of the best-eval LoRA weights, 
 
 
 # ---- setup ---------------------------------------------------------------------------------
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run."""
+def deepspeed_config(cfg: TrainConfig, world_size: int, universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run (``universal``: load a universal checkpoint)."""
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -74,6 +80,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "zero_force_ds_cpu_optimizer": not torch_adam,
         "bf16": {"enabled": ds.precision == "bf16"},
         "steps_per_print": 1 << 30,  # our own progress lines replace DeepSpeed's
+        **({"checkpoint": {"load_universal": True}} if universal else {}),
     }
 
 
@@ -106,22 +113,23 @@ def _peak_rss_mb() -> float:
 
 
 def _param_mb(module) -> float:
-    """MiB of parameters this rank holds: under ZeRO-3 its shards (``ds_tensor``), else everything."""
+    """MiB of parameters this rank holds: under ZeRO-3 its shard (``ds_tensor``) plus any full copy
+    still materialised (persistent small parameters, or one not released), else everything."""
     total = 0
     for p in module.parameters():
-        local = getattr(p, "ds_tensor", p)
-        total += local.numel() * local.element_size()
+        shard = getattr(p, "ds_tensor", None)
+        total += p.data.numel() * p.element_size() + (shard.numel() * shard.element_size() if shard is not None else 0)
     return total / 2**20
 
 
-def _build_engine(cfg: TrainConfig, model_path: str, world: int, total_steps: int):
+def _build_engine(cfg: TrainConfig, model_path: str, world: int, total_steps: int, universal: bool = False):
     """``(engine, load_stats)``; the engine owns the HfDeepSpeedConfig it was built under."""
     import deepspeed
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    ds_config = deepspeed_config(cfg, world)
+    ds_config = deepspeed_config(cfg, world, universal)
     # Join Ray Train's process group now (deepspeed.initialize would later): HfDeepSpeedConfig
     # checks the batch arithmetic against DeepSpeed's view of the world size.
     deepspeed.init_distributed(dist_backend=cfg.backend)
@@ -184,28 +192,59 @@ def _micro_batches(examples, cfg: TrainConfig, rank: int, world: int, start_micr
 
 
 # ---- checkpoint / resume -------------------------------------------------------------------
-_CLIENT_KEYS = ("step", "best_eval", "bad_evals", "best_step")
+_CLIENT_KEYS = ("step", "best_eval", "bad_evals", "best_step", "world_size")
 
 
-def _resume(engine, run: str, rank: int) -> dict[str, Any]:
+def _saved_world(checkpoint) -> int | None:
+    """How many ZeRO optimizer partitions ``checkpoint`` holds (None: unpartitioned, e.g. ZeRO-0)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path:
+        return len(list((Path(path) / _TAG).glob("*_optim_states.pt"))) or None
+
+
+def _to_universal(state_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` on one checkpoint tag folder (in-process, single worker)."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(state_dir), output_folder=str(out_dir), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # our checkpoints lack the Megatron-style universal_checkpoint_info: LoRA
+                              # parameters are plain (not tensor-parallel), which the injected default says.
+                              inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # progress bars and prints, not log lines
+        ds_to_universal(args)
+
+
+def _resume(engine, run: str, rank: int, universal: bool = False) -> dict[str, Any]:
     """Load the latest Ray Train checkpoint of this run, if any; return its client state.
 
+    ``universal``: the checkpoint was written by another number of workers; convert, then load.
     ``best_weights`` (rank 0 only) is the best-eval LoRA copy the checkpoint carried.
     """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return {"step": 0, "best_eval": None, "bad_evals": 0, "best_step": None, "best_weights": None,
                 "resumed": False}
-    with checkpoint.as_directory() as path:
+    with checkpoint.as_directory() as path, tempfile.TemporaryDirectory(prefix="ragtune-universal-") as tmp:
+        load_dir = path
+        if universal:
+            _to_universal(Path(path) / _TAG, Path(tmp) / _TAG)
+            load_dir = tmp
         # Frozen base weights are not in the checkpoint (exclude_frozen_parameters), hence not strict.
-        _, client = engine.load_checkpoint(path, tag=_TAG, load_module_strict=False)
+        _, client = engine.load_checkpoint(load_dir, tag=_TAG, load_module_strict=False)
         best = Path(path) / _BEST
         weights = None
         if rank == 0 and best.is_file():
             from safetensors.torch import load_file
 
             weights = load_file(str(best))
-    logger.info("run %s: resumed from %s at step %s", run, checkpoint.path, client["step"])
+    logger.info("run %s: resumed from %s at step %s%s", run, checkpoint.path, client["step"],
+                f" (written by {client.get('world_size')} workers, universal checkpoint)" if universal else "")
     return {"best_step": None, **client, "best_weights": weights, "resumed": True}
 
 
@@ -349,10 +388,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     micro_per_epoch, total = _plan_steps(cfg, len(train_set), world)
     ga = cfg.deepspeed.gradient_accumulation_steps
 
-    engine, load_stats = _build_engine(cfg, loop_config["model_path"], world, total)
+    saved_world = _saved_world(ray.train.get_checkpoint())
+    universal = saved_world is not None and saved_world != world
+    engine, load_stats = _build_engine(cfg, loop_config["model_path"], world, total, universal)
     load_stats = dict(zip(load_stats, _all_reduce(list(load_stats.values()), engine.device, dist.ReduceOp.MAX),
                           strict=True))
-    state = _resume(engine, run, rank)
+    state = _resume(engine, run, rank, universal)
+    state["world_size"] = world
     (has_best,) = _all_reduce([float(state["best_weights"] is not None)], engine.device, dist.ReduceOp.MAX)
     if cfg.export.select == "best" and not has_best:
         state["best_step"] = None  # no best copy in the checkpoint (export.select was last): the next eval sets one
@@ -395,6 +437,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         metrics = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0], **window.summary(engine.device),
                    "resumed_from_step": start if state["resumed"] else None, "done": final,
+                   "resumed_from_workers": saved_world if universal else None,
                    "stopped_early": stop, "eval_loss": eval_loss, "best_eval_loss": state["best_eval"],
                    "best_step": state["best_step"], "train_s": time.perf_counter() - t_begin, **load_stats,
                    **(_export_choice(cfg, state, eval_loss) if final and cfg.export.enabled else {})}

@@ -143,10 +143,33 @@ def test_zero2_adapter_is_registered_loads_and_changes_outputs(zero2, workdir, t
     registry = _registry(workdir, tiny_path)
     ref = registry.resolve("z2")
     manifest = registry.manifest(ref)
+    # export.select=best (the default): the checkpointed eval with the lowest loss.
+    evals = {m["step"]: m["eval_loss"] for m in _checkpoint_metrics(workdir, "z2")}
+    best_step = min(evals, key=evals.get)
+    assert manifest["exported"] == {"select": "best", "step": best_step, "eval_loss": evals[best_step]}
     assert manifest["dataset_hash"].startswith("sha256:") and manifest["metrics"]["step"] == 24
     assert manifest["train_config"]["deepspeed"]["zero_stage"] == 2 and manifest["base_model"] == TINY_LLAMA
     assert manifest["dataset"]["examples"] == 300 and "created_at" in manifest and manifest["version"] == 1
     _check_adapter(ref.path, tiny_path)
+
+
+def test_zero2_run_is_tracked_in_mlflow_and_the_adapter_leads_to_it(zero2, workdir, tiny_path):
+    from mlflow.tracking import MlflowClient
+
+    _, outcome = zero2
+    manifest = _registry(workdir, tiny_path).manifest(_registry(workdir, tiny_path).resolve("z2@1"))
+    run = manifest["tracking"]
+    assert run == outcome.tracking and run["tracking_uri"] == f"sqlite:///{workdir}/results/mlflow/mlflow.db"
+    client = MlflowClient(run["tracking_uri"])
+    got = client.get_run(run["run_id"])
+    assert got.info.status == "FINISHED" and got.data.tags["ragtune.adapter"] == "z2@1"
+    assert got.data.tags["ragtune.dataset_hash"] == manifest["dataset_hash"] == got.data.params["dataset_hash"]
+    assert got.data.params["deepspeed.zero_stage"] == "2" and got.data.params["lora.r"] == "8"
+    # Rank 0 logged every report step (report_every_steps=5, checkpoints every 5, and the end),
+    # across the injected failure: attempt 2 re-logs steps 15-24 over attempt 1's 5-10.
+    assert sorted({m.step for m in client.get_metric_history(run["run_id"], "loss")}) == [5, 10, 15, 20, 24]
+    assert {"eval_loss", "samples_per_s", "tokens_per_s", "lr"} <= set(got.data.metrics)
+    assert "adapter/adapter_model.safetensors" in [a.path for a in client.list_artifacts(run["run_id"], "adapter")]
 
 
 def test_resubmitted_run_continues_at_the_saved_step(zero2, workdir, tiny_path):
@@ -171,21 +194,47 @@ def test_bf16_early_stopping_and_tensorboard(ray_local, workdir, tiny_path):
     outcome = launch(cfg)
     assert outcome.metrics["stopped_early"] is True and outcome.metrics["step"] == 6
     assert list((workdir / "tb" / "es").glob("events.out.tfevents.*"))
-    _check_adapter(_registry(workdir, tiny_path).resolve("es").path, tiny_path)
+    ref = _registry(workdir, tiny_path).resolve("es")
+    _check_adapter(ref.path, tiny_path)
+    # Early stopping kept step 3; the adapter holds step 3's weights, not step 6's.
+    evals = {m["step"]: m["eval_loss"] for m in _checkpoint_metrics(workdir, "es")}
+    exported = _registry(workdir, tiny_path).manifest(ref)["exported"]
+    assert exported == {"select": "best", "step": 3, "eval_loss": evals[3]}
+    _assert_adapter_is_the_best_copy_not_the_last(Path(outcome.checkpoint), Path(ref.path))
 
 
-# ---- ZeRO-3: sharded LoRA parameters must be gathered for export -----------------------------
+def _assert_adapter_is_the_best_copy_not_the_last(final: Path, adapter: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    saved = {k.replace(".default.", "."): v for k, v in load_file(str(final / "best_lora.safetensors")).items()}
+    exported = load_file(str(adapter / "adapter_model.safetensors"))
+    assert saved.keys() == exported.keys()
+    assert all(torch.equal(saved[k], exported[k]) for k in saved)
+    last = torch.load(final / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    last = {k.replace(".default.", "."): v.float() for k, v in last.items() if "lora_" in k}
+    assert any(not torch.equal(last[k], exported[k]) for k in exported)  # step 6 moved on from step 3
+
+
+# ---- ZeRO-3: partitioned at load, sharded LoRA parameters gathered for export -----------------
 @pytest.fixture(scope="module")
 def zero3(ray_local, workdir):
+    # Packed rows (1 row of <= 1280 tokens ≈ 9 examples per worker per micro-batch) and gradient
+    # checkpointing ride along: the efficiency options must train under ZeRO-3 too.
     cfg = _config(workdir, "z3", "deepspeed.zero_stage=3", "deepspeed.stage3_param_persistence_threshold=0",
-                  "run.max_steps=12", "run.checkpoint_every_steps=6", "eval.every_steps=6", "run.num_to_keep=null")
+                  "run.max_steps=12", "run.checkpoint_every_steps=6", "eval.every_steps=6", "run.num_to_keep=null",
+                  "data.packing=true", "data.pack_length=1280", "run.micro_batch_size=1",
+                  "run.gradient_checkpointing=true")
     return cfg, launch(cfg)
 
 
-def test_zero3_trains_and_exports_gathered_weights(zero3, workdir, tiny_path):
+def test_zero3_packed_checkpointed_trains_and_exports_gathered_weights(zero3, workdir, tiny_path):
     _, outcome = zero3
     rows = _checkpoint_metrics(workdir, "z3")
     assert [m["step"] for m in rows] == [6, 12] and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    # Partitioned at load: each of the 2 ranks holds half of the parameters (tiny model: 1.6 MiB).
+    assert rows[-1]["load_param_mb_per_rank"] == pytest.approx(rows[-1]["param_mb_per_rank"], rel=0.1)
+    assert rows[-1]["load_param_mb_per_rank"] < 0.6 * 1.6
     state = {p.name for p in (Path(outcome.checkpoint) / "state").iterdir()}
     assert "zero_pp_rank_1_mp_rank_00_model_states.pt" in state  # ZeRO-3 shards the model states
     ref = _registry(workdir, tiny_path).resolve("z3")
