@@ -132,6 +132,9 @@ def cmd_adapters(args) -> int:
         print(f"promoted {registry.promote(args.name, args.version).key}")
     elif args.action == "rollback":
         print(f"rolled back to {registry.rollback(args.name).key}")
+    elif args.action == "recover":  # also runs on every open; this reports what it repaired
+        repaired = registry.repaired + registry.recover()
+        print("\n".join(f"repaired: {item}" for item in repaired) or "adapter store is consistent")
     return 0
 
 
@@ -207,12 +210,14 @@ def build_parser(lifecycle: _BenchLifecycle | None = None) -> argparse.ArgumentP
     p.add_argument("--admin", action="store_true")
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("adapters", help="list/register/promote/rollback adapters in the store")
+    p = sub.add_parser("adapters", help="list/register/promote/rollback adapters in the store (as the operator); "
+                       "recover: repair an interrupted registration")
     _config_args(p)
-    p.add_argument("action", choices=["list", "register", "promote", "rollback"])
+    p.add_argument("action", choices=["list", "register", "promote", "rollback", "recover"])
     p.add_argument("name", nargs="?")
     p.add_argument("--path", help="register: the PEFT adapter folder")
-    p.add_argument("--tenant", help="register: owner tenant (default: shared)")
+    p.add_argument("--tenant", help="register: owner tenant, who may then promote/roll back/load it over HTTP "
+                   "(default: shared, which only admin keys manage)")
     p.add_argument("--promote", action="store_true", help="register: promote the new version")
     p.add_argument("--version", type=int, help="promote: the version")
     p.set_defaults(func=cmd_adapters)

@@ -18,9 +18,10 @@ not leak), a shared one a 403 (:meth:`AdapterRegistry.managed`).
 written as temp → fsync → ``os.replace`` → fsync of the folder (``_atomic_write``). The steps:
 copy into ``<store>/.tmp-*`` (fsync'd), allocate a lora id, rename the copy to ``<name>/v<N>``,
 write the index. A crash before the index write leaves at most a temp folder, a version folder
-the index does not list, or a skipped lora id; :meth:`AdapterRegistry.recover` (run at open and
-before every registration, under the store lock) removes the first two and keeps the id counter
-above every id in use, so the name stays usable and nothing half-registered is ever resolved.
+the index does not list, or a skipped lora id; recovery (run at open and before every
+registration, under the store lock; ``ragtune adapters recover`` on demand) removes the first
+two and keeps the id counter above every id in use, so the name stays usable and nothing
+half-registered is ever resolved.
 """
 
 from __future__ import annotations
@@ -93,9 +94,10 @@ class AdapterRegistry:
         self.base_model = base_model
         self.base_model_path = base_model_path
         self.max_lora_rank = max_lora_rank
+        self.repaired: list[str] = []  # what opening repaired (``ragtune adapters recover`` prints it)
         with self._locked(wait=False) as held:
             if held:  # busy: a live process is mid-write (a dead one's lock is gone); it recovers itself
-                self.recover()
+                self.repaired = self._recover()
 
     # ---- reading -------------------------------------------------------------------------
     def resolve(self, model: str, tenant: str | None = None) -> AdapterRef:
@@ -162,7 +164,7 @@ class AdapterRegistry:
             )
         config = self.validate(src)
         with self._locked():
-            self.recover()
+            self._recover()
             index = self._read_index(name) or {
                 "name": name, "owner": owner, "promoted": None, "versions": {}, "history": []
             }
@@ -180,7 +182,7 @@ class AdapterRegistry:
                     _promote(index, version)
                 self._write_index(name, index)  # the commit point
             except Exception:  # a failed step (disk full, …): undo it now, not at the next open
-                self.recover()
+                self._recover()
                 raise
         logger.info("adapter %s@%d registered (lora_id=%d, owner=%s)", name, version, lora_id, owner or "shared")
         return self.resolve(f"{name}@{version}")
@@ -208,9 +210,14 @@ class AdapterRegistry:
 
     # ---- recovery ------------------------------------------------------------------------
     def recover(self) -> list[str]:
+        """Undo half-finished registrations now (waits for the store lock); returns what was repaired."""
+        with self._locked():
+            return self._recover()
+
+    def _recover(self) -> list[str]:
         """Undo half-finished registrations; returns what was removed (store-relative paths).
 
-        Call with the store lock held (``__init__`` and :meth:`register` do). Removes temp files
+        Called with the store lock held (``__init__``, :meth:`register`). Removes temp files
         and folders, version folders the index does not list (a crash between the rename and the
         index write: the registration never committed, so its version number is reused), and
         name folders left with nothing; raises the lora id counter above every id in use.

@@ -218,3 +218,17 @@ def test_index_and_id_writes_are_fsynced_and_atomic(registry, adapter_dirs, monk
     registry.register(adapter_dirs["alpha"], "alpha")
     assert replaced == [".lora_ids", "adapter.json"]  # both via temp + os.replace
     assert len(synced) >= 8  # files of the copy, their folders, the temp files and the folders renamed into
+
+
+def test_cli_recover_reports_what_it_repaired(tmp_path, tiny_model, adapter_dirs, capsys):
+    from cluster.cli import main
+
+    store = tmp_path / "store"
+    open_registry(str(store), base_model="tiny-llama", base_model_path=str(tiny_model)).register(
+        adapter_dirs["alpha"], "alpha")
+    shutil.copytree(adapter_dirs["beta"], store / "alpha" / "v2")  # a registration cut before its index write
+    args = ["adapters", "recover", "--set", "serve.engine.model=tiny-llama", "--set", f"serve.adapters.store_uri={store}"]
+    assert main(args) == 0
+    assert "repaired: alpha/v2" in capsys.readouterr().out and not (store / "alpha" / "v2").exists()
+    assert main(args) == 0
+    assert "adapter store is consistent" in capsys.readouterr().out
