@@ -25,6 +25,7 @@ from retrieval.filters import (
 )
 from retrieval.retriever import Retriever
 from retrieval.testing import FakeEmbedder, InMemoryStore
+from serve.auth import Principal
 from serve.errors import create_error_response
 from serve.rag import RetrieverClient, add_retrieval_routes
 
@@ -193,7 +194,7 @@ def test_retriever_refuses_before_lookup_and_embedding():
 def test_redos_filter_is_a_400_over_http():
     app = FastAPI()
     app.add_exception_handler(RagtuneError, lambda _request, exc: create_error_response(exc))
-    add_retrieval_routes(app, RetrieverClient(_retriever(), remote=False), lambda _request: "acme")
+    add_retrieval_routes(app, RetrieverClient(_retriever(), remote=False), lambda _request: Principal("acme", False))
     client = TestClient(app, base_url="http://127.0.0.1")
     t0 = time.perf_counter()
     r = client.post("/v1/retrieve", json={"collection": "kb", "query": "tea", "filter": REDOS})
