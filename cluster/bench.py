@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import tempfile
 from contextlib import ExitStack
@@ -170,9 +171,17 @@ def _ttft_ms(url: str, body: dict, api_key: str | None = None) -> float:
                       timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+            if line.startswith("data: {") and _has_content(line[len("data: "):]):
                 return (time.perf_counter() - start) * 1000
     raise RuntimeError("stream ended without content")
+
+
+def _has_content(event: str) -> bool:
+    """An SSE chat chunk (JSON, compact or not) with non-empty delta content; an error event raises."""
+    data = json.loads(event)
+    if "error" in data:
+        raise RuntimeError(f"stream error: {data['error']}"[:300])
+    return any((choice.get("delta") or {}).get("content") for choice in data.get("choices") or ())
 
 
 PREFIX_CACHE_METRICS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
@@ -385,7 +394,8 @@ def ingest_section(ctx: BenchContext) -> list[Row]:
 
 
 def training_section(ctx: BenchContext) -> list[Row]:
-    """(e) The Ray Train + DeepSpeed recipe (1-2 workers, ZeRO 0/2/3) vs a plain single-process PEFT loop."""
+    """(e) The Ray Train + DeepSpeed recipe (1-2 workers, ZeRO 0/2/3, packing, gradient checkpointing)
+    vs a plain single-process PEFT loop; notes carry tokens/s and per-rank memory."""
     import ray
 
     from train.bench import bench
@@ -399,7 +409,8 @@ def training_section(ctx: BenchContext) -> list[Row]:
     plain = rows[0]
     return [Row("e_training", f"{r['run']} ({r['workers']}w, ZeRO {r['zero']})", r["samples_per_s"],
                 plain["samples_per_s"], "samples/s", ours_label="recipe", peer_label=plain["run"],
-                note=f"{r['tokens_per_s']} tok/s, peak RSS {r['peak_rss_mb_per_worker']} MB/worker")
+                note=f"{r['tokens_per_s']} tok/s, peak RSS {r['peak_rss_mb_per_worker']} MB/worker, "
+                     f"params {r['param_mib_per_rank']} MiB/rank")
             for r in rows[1:]]
 
 

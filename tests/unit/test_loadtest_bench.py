@@ -219,3 +219,14 @@ def test_retrieve_sizes(monkeypatch):
     monkeypatch.setenv(cb.RETRIEVE_CHUNKS_ENV, "10k")
     with pytest.raises(ValueError, match="RAGTUNE_BENCH_RETRIEVE_CHUNKS='10k'"):
         cb.retrieve_sizes("quick")
+
+
+def test_ttft_event_parsing_compact_and_spaced_json():
+    import cluster.bench as cb
+
+    assert cb._has_content('{"choices":[{"index":0,"delta":{"content":"The"}}]}')
+    assert cb._has_content('{"choices": [{"index": 0, "delta": {"content": " x"}}]}')
+    assert not cb._has_content('{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}')
+    assert not cb._has_content('{"choices": []}')
+    with pytest.raises(RuntimeError, match="stream error"):
+        cb._has_content('{"error": {"message": "boom"}}')
