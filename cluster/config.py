@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from cluster.errors import ConfigError
 from cluster.schema import StrictModel
@@ -45,6 +45,18 @@ class RagtuneConfig(StrictModel):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     milvus_lite: MilvusLiteServerConfig = Field(default_factory=MilvusLiteServerConfig)
+
+    @model_validator(mode="after")
+    def _dashboard_exposure(self) -> RagtuneConfig:
+        # The dashboard serves Ray's Jobs API (run any command): beyond loopback only on purpose,
+        # with keys configured for the API beside it (Ray's own token auth stays on, DESIGN.md).
+        from cluster.exposure import resolves_to_loopback
+
+        if self.ray.address is None and not self.serve.auth.keys and not resolves_to_loopback(self.ray.dashboard_host):
+            raise ValueError(
+                f"ray.dashboard_host={self.ray.dashboard_host!r} exposes the Ray dashboard and Jobs API beyond "
+                "loopback while serve.auth.keys is empty; bind it to 127.0.0.1 or configure keys")
+        return self
 
     @property
     def models_dir(self) -> Path:

@@ -104,6 +104,27 @@ def run_serving(cfg: RagtuneConfig, on_ready: Callable[[str], None] | None = Non
         _serve(shared, on_ready, stop, before_serving)
 
 
+def _check_real_binds(cfg: RagtuneConfig) -> None:
+    """Without keys, refuse to keep serving if the API or a local dashboard answers beyond loopback.
+
+    The config checks resolve host names; this asks the sockets themselves (a proxy or a
+    dashboard that ignored its bind address, a host name that resolved differently for Ray).
+    """
+    from cluster.errors import ConfigError
+    from cluster.exposure import reachable_beyond_loopback
+
+    if cfg.serve.auth.keys:
+        return
+    ports = {"serve.http.port": cfg.serve.http.port}
+    if cfg.ray.address is None:
+        ports["ray.dashboard_port"] = cfg.ray.dashboard_port
+    for field, port in ports.items():
+        exposed = reachable_beyond_loopback(port)
+        if exposed:
+            raise ConfigError(f"{field}={port} answers on {', '.join(exposed)} (beyond loopback) and "
+                              "serve.auth.keys is empty; refusing to serve", param=field)
+
+
 def _serve(cfg: RagtuneConfig, on_ready: Callable[[str], None] | None, stop: threading.Event,
            before_serving: Callable[[RagtuneConfig], None] | None = None) -> None:
     import ray
@@ -120,6 +141,7 @@ def _serve(cfg: RagtuneConfig, on_ready: Callable[[str], None] | None, stop: thr
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
         base_url = f"http://{http.host}:{http.port}"
         wait_ready(f"{base_url}/health")
+        _check_real_binds(cfg)
         if on_ready:
             on_ready(base_url)
         stop.wait()

@@ -3,9 +3,12 @@
 Each document's content hash (text, source, metadata, plus the chunking config and model name,
 so a config change re-embeds) is stored on every chunk. On ingest:
 
-* unchanged hash → skipped; new → written; changed → the new chunks are upserted first (same
-  ids replace old ones in place), then chunks with the old hash are deleted, so a reader sees
-  the old or the new version of every chunk but never a document without chunks;
+* unchanged hash → skipped; new or changed → the version's chunks are written under ids of its
+  generation (``doc#<hash[:12]>#i``) and switched in with one store write
+  (``ChunkStore.replace_documents``: new rows plus tombstones over the old ones, writers of a
+  document serialised by a lock held in the store), so a reader sees the old or the new version,
+  never a mix and never a document without chunks; the ids depend only on the content, so an
+  ingest interrupted anywhere re-runs to exactly the same rows;
 * ``prune=True`` deletes stored documents absent from the input (ids that failed to load still
   count as present, so a parse error never deletes the previous version);
 * bad items (empty, oversized, duplicate ids, invalid UTF-8, unparsable) become per-item errors
@@ -49,6 +52,8 @@ from retrieval.types import (
 __all__ = ["IngestSummary", "Ingestor", "content_hash", "validate_document"]
 
 logger = logging.getLogger(__name__)
+
+_GENERATION_CHARS = 12  # hex digits of the content hash in chunk ids: 48 bits tell versions apart
 
 
 @dataclass
@@ -196,6 +201,7 @@ class Ingestor:
         self._write(info, pending, summary, show)
         if prune:
             self._prune(info, existing, seen, summary)
+        self.store.sweep(info)  # tombstones an interrupted run left behind
         if summary.chunks or summary.deleted:
             self.store.flush(info)
         summary.seconds = time.perf_counter() - started
@@ -309,14 +315,11 @@ class Ingestor:
         records, offset = [], 0
         for p in group:
             for index, text in enumerate(p.chunks):
-                records.append(ChunkRecord(chunk_id(p.doc.id, index), p.doc.id, index, text, p.doc.source,
-                                           p.metadata[index], p.hash, vectors[offset + index]))
+                records.append(ChunkRecord(chunk_id(p.doc.id, index, p.hash[:_GENERATION_CHARS]), p.doc.id, index,
+                                           text, p.doc.source, p.metadata[index], p.hash, vectors[offset + index]))
             offset += len(p.chunks)
-        self.store.upsert_chunks(info, records)
-        # Only after the new version is written: drop the old version's leftover chunks.
-        stale = {p.doc.id: p.hash for p in group if p.update}
-        if stale:
-            self.store.delete_stale_chunks(info, stale)
+        # Embedding is done: the store's per-document lock is held only for the switch itself.
+        self.store.replace_documents(info, records)
         return len(records)
 
 

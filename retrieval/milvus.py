@@ -9,6 +9,21 @@ The same code runs against a Milvus Lite file (``./data/milvus.db``), a milvus-l
 (filled from ``text`` by a BM25 ``Function``), so dense and hybrid (dense + BM25, RRF) search
 both work.
 
+**Document generations.** A document version's chunks have ids ``doc_id#<generation>#i``
+(the generation is the start of the version's content hash). An update is one upsert request
+carrying the new generation's rows *and* a tombstone (``chunk_index = -1``) over every id of the
+old generation, so the switch from old to new is a single write: Milvus applies one request at
+one timestamp (milvus-lite under one memtable lock), so readers get the old version or the new
+one, never a mix and never none. A tombstone is the old row itself with ``content_hash = ""``
+(same vector, text, source, metadata): it matches every filter and ranks exactly where the old
+row did, so a search's candidates always hold the newest version of an id and Milvus's
+keep-the-newest dedup hides the old row; the store drops tombstone hits before answering. (A
+tombstone that did not match, e.g. ``chunk_index = -1``, let the old row through in milvus-lite
+when a flush ran between its candidate and dedup steps: measured 1 read in 721 showing both
+versions.) Tombstones are then deleted; one left by a crash is swept by the next ingest. Writers of a document are serialised by ``retrieval.doclocks``
+(rows in this same store, so the rule holds across retriever replicas), because two writers
+that both read the old ids would each leave their own chunks live.
+
 **Ownership** (owner tenant, public flag, physical collection) lives in a small registry
 collection; see ``retrieval.registry`` for why a collection rather than collection properties.
 Logical names such as "ragtune-docs" are not valid Milvus names, so each maps to a physical
@@ -26,7 +41,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +51,7 @@ from pymilvus.exceptions import MilvusException, ParamError
 
 from cluster.errors import InvalidRequestError, NotFoundError, RagtuneError
 from retrieval.config import MilvusConfig
+from retrieval.doclocks import DocumentLocks
 from retrieval.filters import combine_filters, eq, in_list, quote
 from retrieval.registry import CollectionRegistry, create_collection
 from retrieval.tenancy import check_model, own_collection, pick_collection
@@ -55,12 +71,17 @@ __all__ = ["MilvusStore", "physical_name"]
 
 logger = logging.getLogger(__name__)
 
-_OUTPUT_FIELDS = ["doc_id", "chunk_index", "text", "source", "metadata"]
+_OUTPUT_FIELDS = ["doc_id", "chunk_index", "text", "source", "metadata", "content_hash"]
+_TOMBSTONE = 'content_hash == ""'
+_LIVE = 'content_hash != ""'
+_COPIED = ["doc_id", "chunk_index", "text", "source", "metadata", "dense"]  # a tombstone's fields
 _COLLECTION_NOT_FOUND = 100
+_NOT_LOADED = 101
 # Codes Milvus uses for "your expression/parameter is wrong": Lite's IllegalArgument (6), the
 # server's legacy IllegalArgument (5) and ParameterInvalid (1100).
 _INPUT_ERROR_CODES = frozenset({5, 6, 1100})
 _DELETE_BATCH = 256  # ids per delete expression, to keep expressions small
+_QUERY_LIMIT = 16_384  # Milvus's largest query limit; beyond it, query_iterator
 
 
 def physical_name(prefix: str, owner: str, name: str) -> str:
@@ -90,11 +111,12 @@ class MilvusStore:
         if lite:  # pymilvus refuses a .db file in a missing folder
             Path(self.config.uri).parent.mkdir(parents=True, exist_ok=True)
         token = self.config.token.get_secret_value() if self.config.token else ""
-        self._client = MilvusClient(
+        self._client = _ReloadingClient(MilvusClient(
             uri=self.config.uri, token=token, db_name=self.config.db_name, timeout=self.config.timeout_s
-        )
+        ))
         self._lite_path = self._count_lite_user(self.config.uri) if lite else None
         self.registry = CollectionRegistry(self._client, self.config)
+        self.locks = DocumentLocks(self._client, f"{self.config.collection_prefix}doclocks")
         self._loaded: set[str] = set()
 
     @classmethod
@@ -121,6 +143,10 @@ class MilvusStore:
 
             server_manager_instance.release_server(self._lite_path)
         self._lite_path = None
+
+    def ping(self, timeout_s: float = 5.0) -> None:
+        """Raise if the store does not answer within ``timeout_s`` (for health checks)."""
+        self._client.list_collections(timeout=timeout_s)
 
     def _load(self, physical: str) -> None:
         # A reopened collection is 'released' until loaded; loading is idempotent, so once per process.
@@ -222,47 +248,74 @@ class MilvusStore:
         deleting the old ones; ``""`` never equals a real hash, so the next ingest rewrites it.
         """
         hashes: dict[str, str] = {}
-        iterator = self._client.query_iterator(
-            info.physical, batch_size=4096, filter="chunk_index >= 0",
-            output_fields=["doc_id", "content_hash"], consistency_level=self.config.consistency_level,
-        )
-        try:
-            while batch := iterator.next():
-                for row in batch:
-                    known = hashes.setdefault(row["doc_id"], row["content_hash"])
-                    if known != row["content_hash"]:
-                        hashes[row["doc_id"]] = ""
-        finally:
-            iterator.close()
+        fields, level = ["doc_id", "content_hash"], self.config.consistency_level
+        rows = self._client.query(info.physical, filter=_LIVE, output_fields=fields,
+                                  limit=_QUERY_LIMIT, consistency_level=level)
+        if len(rows) == _QUERY_LIMIT:
+            rows = self._iterate(info, _LIVE, fields, level)
+        for row in rows:
+            known = hashes.setdefault(row["doc_id"], row["content_hash"])
+            if known != row["content_hash"]:
+                hashes[row["doc_id"]] = ""
         return hashes
 
-    def upsert_chunks(self, info: CollectionInfo, records: Sequence[ChunkRecord]) -> None:
-        """Write chunk rows (same id → replaced)."""
-        rows = [
-            {
-                "id": r.id, "doc_id": r.doc_id, "chunk_index": r.chunk_index, "text": r.text,
-                "source": r.source, "tenant": info.owner, "metadata": dict(r.metadata),
-                "content_hash": r.content_hash, "dense": list(r.vector),
-            }
-            for r in records
-        ]
-        if rows:
-            self._client.upsert(info.physical, rows)
+    def replace_documents(self, info: CollectionInfo, records: Sequence[ChunkRecord]) -> None:
+        """Make each document named in ``records`` consist of exactly its records, switched in one write.
 
-    def delete_stale_chunks(self, info: CollectionInfo, keep: Mapping[str, str]) -> None:
-        """For each ``doc_id → hash`` in ``keep``, delete that document's chunks of any other hash."""
-        items = list(keep.items())
-        for start in range(0, len(items), _DELETE_BATCH):
-            expr = " or ".join(
-                f"({eq('doc_id', doc)} and content_hash != {quote(h)})" for doc, h in items[start:start + _DELETE_BATCH]
-            )
-            self._client.delete(info.physical, filter=expr)
+        Under the documents' locks: read the live rows of those documents, upsert the new rows plus
+        a tombstone over every other live row in one request, then delete the tombstones.
+        """
+        docs = sorted({r.doc_id for r in records})
+        if not docs:
+            return
+        new_ids = {r.id for r in records}
+        with self.locks.hold(info.physical, docs):
+            old = [row for row in self._live_rows(info, docs) if str(row["id"]) not in new_ids]
+            self._client.upsert(info.physical, [_row(info, r) for r in records] + [_tombstone(info, o) for o in old])
+            self._delete_batched(info, docs, _TOMBSTONE)
 
     def delete_documents(self, info: CollectionInfo, doc_ids: Sequence[str]) -> None:
-        """Delete every chunk of the given documents."""
-        ids = list(doc_ids)
+        """Delete every chunk of the given documents (each document in one delete request, under its lock)."""
+        ids = sorted(set(doc_ids))
         for start in range(0, len(ids), _DELETE_BATCH):
-            self._client.delete(info.physical, filter=in_list("doc_id", ids[start:start + _DELETE_BATCH]))
+            batch = ids[start:start + _DELETE_BATCH]
+            with self.locks.hold(info.physical, batch):
+                self._client.delete(info.physical, filter=in_list("doc_id", batch))
+
+    def sweep(self, info: CollectionInfo) -> None:
+        """Delete tombstones and lock rows a crashed writer left (tombstones are invisible either way)."""
+        self.locks.sweep(info.physical)
+        # A read first: the usual answer is "none", and a no-op ingest must not write.
+        if self._client.query(info.physical, filter=_TOMBSTONE, output_fields=["doc_id"], limit=1,
+                              consistency_level=self.config.consistency_level):
+            self._client.delete(info.physical, filter=_TOMBSTONE)
+
+    def _live_rows(self, info: CollectionInfo, docs: Sequence[str]) -> list[dict]:
+        found: list[dict] = []
+        for start in range(0, len(docs), _DELETE_BATCH):
+            expr = f"{in_list('doc_id', docs[start:start + _DELETE_BATCH])} and {_LIVE}"
+            # Strong: a lagging read here would leave old chunks live.
+            rows = self._client.query(info.physical, filter=expr, output_fields=_COPIED, limit=_QUERY_LIMIT,
+                                      consistency_level="Strong")
+            if len(rows) == _QUERY_LIMIT:  # rare (huge documents): page through them all
+                rows = self._iterate(info, expr, _COPIED, "Strong")
+            found.extend(rows)
+        return found
+
+    def _iterate(self, info: CollectionInfo, expr: str, fields: list[str], consistency: str) -> list[dict]:
+        out: list[dict] = []
+        iterator = self._client.query_iterator(info.physical, batch_size=4096, filter=expr, output_fields=fields,
+                                               consistency_level=consistency)
+        try:
+            while batch := iterator.next():
+                out.extend(batch)
+        finally:
+            iterator.close()
+        return out
+
+    def _delete_batched(self, info: CollectionInfo, docs: Sequence[str], extra: str) -> None:
+        for start in range(0, len(docs), _DELETE_BATCH):
+            self._client.delete(info.physical, filter=f"{in_list('doc_id', docs[start:start + _DELETE_BATCH])} and {extra}")
 
     def flush(self, info: CollectionInfo) -> None:
         """Seal written rows (unless ``flush_after_write`` is off); unflushed rows slow Milvus Lite searches."""
@@ -294,7 +347,8 @@ class MilvusStore:
                 info, vector, query, expr, top_k)
         except MilvusException as exc:
             raise self._search_error(info, exc, bool(filter and filter.strip())) from exc
-        return [_to_chunk(hit) for hit in hits]
+        # Tombstones rank where the row they hide did; they are never answers.
+        return [_to_chunk(hit) for hit in hits if hit["entity"].get("content_hash")]
 
     def _dense(self, info: CollectionInfo, vector: Sequence[float], expr: str, top_k: int) -> list[Any]:
         result = self._client.search(
@@ -330,6 +384,37 @@ class MilvusStore:
         return RagtuneError(f"vector search failed in collection {info.name!r}")
 
 
+class _ReloadingClient:
+    """A MilvusClient that loads a collection again when the server answers "not loaded" (code 101).
+
+    A restarted server (milvus-lite after a crash, a Milvus node after a release) has every
+    indexed collection released until someone loads it; without this, each process's cache of
+    loaded collections would make every read fail until the process restarts.
+    """
+
+    _READS = frozenset({"search", "hybrid_search", "query", "query_iterator", "delete", "get"})
+
+    def __init__(self, client: MilvusClient):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name not in self._READS:
+            return attr
+
+        def call(collection: str, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(collection, *args, **kwargs)
+            except MilvusException as exc:
+                if exc.code != _NOT_LOADED:
+                    raise
+                logger.warning("collection %s was released (server restarted?); loading it again", collection)
+                self._client.load_collection(collection)
+                return attr(collection, *args, **kwargs)
+
+        return call
+
+
 def _is_input_error(exc: MilvusException) -> bool:
     message = (exc.message or "").lower()
     return (
@@ -338,6 +423,19 @@ def _is_input_error(exc: MilvusException) -> bool:
         or exc.code in _INPUT_ERROR_CODES
         or any(word in message for word in ("expr", "parse", "query plan", "field"))
     )
+
+
+def _row(info: CollectionInfo, r: ChunkRecord) -> dict[str, Any]:
+    return {
+        "id": r.id, "doc_id": r.doc_id, "chunk_index": r.chunk_index, "text": r.text, "source": r.source,
+        "tenant": info.owner, "metadata": dict(r.metadata), "content_hash": r.content_hash, "dense": list(r.vector),
+    }
+
+
+def _tombstone(info: CollectionInfo, old: dict) -> dict[str, Any]:
+    # The old row with its hash blanked (see the module docstring for why a verbatim copy).
+    row = {field: old[field] for field in _COPIED}
+    return {**row, "id": str(old["id"]), "tenant": info.owner, "content_hash": "", "dense": list(row["dense"])}
 
 
 def _to_chunk(hit: Any) -> Chunk:

@@ -78,6 +78,14 @@ class Retriever:
         """Release the store's connection (and, for Milvus Lite, its file lock)."""
         self.ingestor.close()
 
+    async def check_health(self) -> None:
+        """Ray Serve calls this periodically (and ``/health`` through the handle): raise if the store
+        does not answer, so an unreachable store shows as an unhealthy replica instead of failed queries.
+        """
+        ping = getattr(self.store, "ping", None)
+        if ping is not None:
+            await asyncio.to_thread(ping)
+
     async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
         # One model call for every query that arrived within the batch window.
         return await asyncio.to_thread(self.embedder.encode, texts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from retrieval.filters import combine_filters, eq
@@ -87,15 +87,16 @@ class InMemoryStore:
                 hashes[record.doc_id] = ""
         return hashes
 
-    def upsert_chunks(self, info: CollectionInfo, records: Sequence[ChunkRecord]) -> None:
-        self.ops.append(("upsert", [r.id for r in records]))
-        self.rows[info.physical].update({r.id: r for r in records})
-
-    def delete_stale_chunks(self, info: CollectionInfo, keep: Mapping[str, str]) -> None:
-        self.ops.append(("delete_stale", dict(keep)))
+    def replace_documents(self, info: CollectionInfo, records: Sequence[ChunkRecord]) -> None:
+        docs = {r.doc_id for r in records}
+        self.ops.append(("replace", [r.id for r in records]))
         rows = self.rows[info.physical]
-        for key in [k for k, r in rows.items() if r.doc_id in keep and r.content_hash != keep[r.doc_id]]:
+        for key in [k for k, r in rows.items() if r.doc_id in docs]:
             del rows[key]
+        rows.update({r.id: r for r in records})
+
+    def sweep(self, info: CollectionInfo) -> None:
+        """Nothing to sweep: ``replace_documents`` here never leaves tombstones."""
 
     def delete_documents(self, info: CollectionInfo, doc_ids: Sequence[str]) -> None:
         self.ops.append(("delete", list(doc_ids)))

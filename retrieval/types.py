@@ -64,9 +64,9 @@ def check_tenant(tenant: str) -> str:
     return tenant
 
 
-def chunk_id(doc_id: str, index: int) -> str:
-    """The primary key of chunk ``index`` of ``doc_id``: stable across runs by construction."""
-    return f"{doc_id}#{index}"
+def chunk_id(doc_id: str, index: int, generation: str = "") -> str:
+    """The primary key of chunk ``index`` of ``doc_id`` (of one ``generation``): stable across runs."""
+    return f"{doc_id}#{generation}#{index}" if generation else f"{doc_id}#{index}"
 
 
 @dataclass(frozen=True)
@@ -159,11 +159,11 @@ class ChunkStore(Protocol):
 
     def document_hashes(self, info: CollectionInfo) -> dict[str, str]: ...
 
-    def upsert_chunks(self, info: CollectionInfo, records: Sequence[ChunkRecord]) -> None: ...
-
-    def delete_stale_chunks(self, info: CollectionInfo, keep: Mapping[str, str]) -> None: ...
+    def replace_documents(self, info: CollectionInfo, records: Sequence[ChunkRecord]) -> None: ...
 
     def delete_documents(self, info: CollectionInfo, doc_ids: Sequence[str]) -> None: ...
+
+    def sweep(self, info: CollectionInfo) -> None: ...
 
     def flush(self, info: CollectionInfo) -> None: ...
 

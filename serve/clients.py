@@ -31,6 +31,8 @@ class LLMClient(Protocol):
 
     async def engine_metrics(self) -> bytes: ...
 
+    async def check_health(self) -> None: ...
+
 
 class HandleClient:
     """Through a Ray Serve handle; ``multiplexed_model_id`` routes to replicas holding the adapter."""
@@ -62,6 +64,9 @@ class HandleClient:
     async def engine_metrics(self) -> bytes:
         return await self._to().engine_metrics.remote()
 
+    async def check_health(self) -> None:
+        await self._to().check_health.remote()
+
 
 class LocalClient:
     """In-process (fused topology, unit tests): calls the server object directly."""
@@ -89,3 +94,6 @@ class LocalClient:
 
     async def engine_metrics(self) -> bytes:
         return self._server.engine_metrics()
+
+    async def check_health(self) -> None:
+        await self._server.check_health()

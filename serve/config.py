@@ -230,8 +230,10 @@ class HttpConfig(StrictModel):
         """True when only this machine can connect."""
         try:
             return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return self.host == "localhost"
+        except ValueError:  # a name: loopback only if everything it resolves to is
+            from cluster.exposure import resolves_to_loopback
+
+            return resolves_to_loopback(self.host)
 
 
 class AdapterStoreConfig(StrictModel):

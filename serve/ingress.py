@@ -10,6 +10,7 @@ with Ray Serve. The replica is reached through an ``LLMClient`` — a Ray ``Depl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -48,6 +49,23 @@ logger = logging.getLogger(__name__)
 
 def _handle(_request: Request, exc: Exception) -> JSONResponse:
     return create_error_response(exc)
+
+
+_HEALTH_TIMEOUT_S = 5.0
+
+
+async def _probe(check: Any) -> str:
+    """``"ok"`` if the health call returns within ``_HEALTH_TIMEOUT_S``, else ``"unavailable"``."""
+    try:
+        await asyncio.wait_for(check, _HEALTH_TIMEOUT_S)
+    except Exception as exc:  # any failure is "down"; the type is enough for the log
+        logger.warning("health probe failed: %s", type(exc).__name__)
+        return "unavailable"
+    return "ok"
+
+
+async def _disabled() -> str:
+    return "disabled"
 
 
 def _is_handle(obj: Any) -> bool:
@@ -162,8 +180,15 @@ class Ingress:
 
     def _routes(self, app: FastAPI) -> None:
         @app.get("/health")
-        async def health() -> dict:
-            return {"status": "ok", "model": self.base}
+        async def health() -> JSONResponse:
+            # Engine down → 503 (nothing can be served); store down → 200 "degraded" (plain
+            # completions still work, RAG requests fail). No detail beyond up/down: unauthenticated.
+            engine, store = await asyncio.gather(
+                _probe(self.llm.check_health()),
+                _probe(self.retriever.call("check_health")) if self.retriever is not None else _disabled())
+            status = "error" if engine != "ok" else "ok" if store in ("ok", "disabled") else "degraded"
+            body = {"status": status, "model": self.base, "engine": engine, "store": store}
+            return JSONResponse(body, status_code=503 if status == "error" else 200)
 
         @app.get("/metrics")
         async def metrics(request: Request) -> Response:

@@ -97,7 +97,8 @@ def test_update_replaces_and_delete_removes(retriever):
     summary = run(retriever.upsert_documents("live", "acme", [{"id": "policy", "text": POLICY_V2}]))
     assert (summary.updated, summary.chunks) == (1, 1)
     after = run(retriever.retrieve("refund window", "live", "acme", top_k=50, filter=only_policy))
-    assert [(c.id, c.text) for c in after] == [("policy#0", POLICY_V2)], "no stale chunk may survive an update"
+    assert [(c.text, c.chunk_index) for c in after] == [(POLICY_V2, 0)], "no stale chunk may survive an update"
+    assert after[0].id.startswith("policy#") and after[0].id not in {c.id for c in before}, "a new generation's id"
 
     run(retriever.delete_document("live", "acme", "policy"))
     assert run(retriever.retrieve("refund window", "live", "acme", top_k=50, filter=only_policy)) == []

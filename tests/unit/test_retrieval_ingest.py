@@ -41,15 +41,27 @@ def test_first_ingest_then_rerun_is_a_noop():
     assert len(embedder.calls) == calls and len(store.ops) == ops, "a no-op must not write or embed"
 
 
-def test_update_writes_new_chunks_before_deleting_old_ones():
+def test_update_is_one_replace_under_generation_ids():
     ingestor, store, _ = make()
     ingestor.ingest("kb", "t1", [doc("a", "word " * 100), doc("b")])
+    old_ids = {r.id for r in store.rows["mem_t1_kb"].values() if r.doc_id == "a"}
     store.ops.clear()
     summary = ingestor.ingest("kb", "t1", [doc("a", "short new text"), doc("b")])
     assert counts(summary) == (0, 1, 1, 0, 0) and summary.chunks == 1
-    assert [op for op, _ in store.ops] == ["upsert", "delete_stale", "flush"]
+    assert [op for op, _ in store.ops] == ["replace", "flush"], "write and switch are one store call"
     a_rows = [r for r in store.rows["mem_t1_kb"].values() if r.doc_id == "a"]
-    assert [(r.id, r.text) for r in a_rows] == [("a#0", "short new text")], "stale chunks must be gone"
+    generation = a_rows[0].content_hash[:12]
+    assert [(r.id, r.text) for r in a_rows] == [(f"a#{generation}#0", "short new text")]
+    assert not old_ids & {r.id for r in a_rows}, "a new generation never reuses the old one's ids"
+
+
+def test_generation_ids_depend_only_on_content():
+    first, store1, _ = make()
+    second, store2, _ = make()
+    first.ingest("kb", "t1", [doc("a", "word " * 100)])
+    first.ingest("kb", "t1", [doc("a", "other " * 90)])
+    second.ingest("kb", "t1", [doc("a", "other " * 90)])
+    assert store1.rows["mem_t1_kb"].keys() == store2.rows["mem_t1_kb"].keys(), "a re-run lands on the same ids"
 
 
 def test_prune_deletes_documents_absent_from_input():
@@ -142,7 +154,8 @@ def test_interrupted_update_is_rewritten():
     ingestor.ingest("kb", "t1", [doc("a", "word " * 100)])
     # Simulate a crash between upsert and stale delete: one chunk carries a different hash.
     rows = store.rows["mem_t1_kb"]
-    rows["a#5"] = replace(rows["a#5"], content_hash="old")
+    key = sorted(rows)[5]
+    rows[key] = replace(rows[key], content_hash="old")
     assert ingestor.ingest("kb", "t1", [doc("a", "word " * 100)]).updated == 1
     assert {r.content_hash for r in rows.values()} != {"old"}
 
