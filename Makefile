@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 # DeepSpeed JIT-compiled C++ ops are cached here (minutes to build on 2 cores, once).
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/data/torch_extensions
 
-.PHONY: setup up test test-unit lint bench eval clean-venv
+.PHONY: setup up test test-unit lint bench eval faults clean-venv
 
 setup: $(STAMP) $(MODELS_STAMP) $(DEMO_STAMP)
 
@@ -49,7 +49,12 @@ test-unit: setup
 # All tiers (unit, integration, e2e); GPU tests skip themselves on CPU machines.
 # pytest exits 5 when it collects nothing: that is not a failure of the suite.
 test: setup lint
-	$(VENV)/bin/pytest -m "not gpu" --durations=15; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	$(VENV)/bin/pytest -m "not gpu and not faults" --durations=15; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+# Fault injection on real parts (overload, engine-core kill, milvus-lite kill mid-ingest, schemathesis);
+# README "Reliability" has the figures. Minutes, not part of `make test` (the schemathesis run is).
+faults: setup
+	$(VENV)/bin/pytest -m "faults or not faults" -s tests/faults --durations=10
 
 # The fine-tune vs RAG decision on the shipped fictional corpus (cluster/evals/example/), measured.
 eval: setup
