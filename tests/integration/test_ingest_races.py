@@ -73,14 +73,17 @@ def test_two_writers_and_a_reader_never_see_a_half_done_document(milvus, embedde
 
     store, vector = writers[0].store, embedder.encode(["refund days"])[0]
     info = store.resolve("policy-kb", "acme")
+    depth, overlaps = [0], []  # writers inside the critical section (read old rows … delete tombstones)
+    for w in writers:
+        _instrument(w.store, depth, overlaps)
 
     def read() -> None:  # both read paths: a query (tombstones dropped as search drops them) and search
         while not done.is_set():
             live = [r for r in rows(reader, physical, 'doc_id == "policy"') if r["content_hash"]]
-            seen.append((len(live), len({r["content_hash"] for r in live})))
+            seen.append(("query", len(live), len({r["content_hash"] for r in live})))
             hits = store.search(info, vector=vector, query="refund days", top_k=100, filter='document == "policy"',
                                 mode="hybrid")
-            seen.append((len(hits), len({h.id.split("#")[1] for h in hits})))
+            seen.append(("search", len(hits), len({h.id.split("#")[1] for h in hits})))
 
     threads = [threading.Thread(target=write, args=(writers[0], [SHORT, LONG] * 4)),
                threading.Thread(target=write, args=(writers[1], [LONG, SHORT] * 4))]
@@ -93,8 +96,9 @@ def test_two_writers_and_a_reader_never_see_a_half_done_document(milvus, embedde
     done.set()
     read_thread.join()
     assert not errors, errors
+    assert not overlaps, f"two writers were inside one document's critical section {len(overlaps)} times"
     assert len(seen) > 10, "the reader must have overlapped the writers"
-    bad = [s for s in seen if s[1] != 1 or s[0] not in chunk_counts]
+    bad = [s for s in seen if s[2] != 1 or s[1] not in chunk_counts]
     assert not bad, f"{len(bad)} of {len(seen)} reads saw a half-done document: {bad[:5]}"
     final = rows(reader, physical, 'doc_id == "policy"')
     assert len({r["content_hash"] for r in final}) == 1 and len(final) in chunk_counts
@@ -103,6 +107,29 @@ def test_two_writers_and_a_reader_never_see_a_half_done_document(milvus, embedde
                             consistency_level="Strong"), "every lock row released"
     for w in writers:
         w.close()
+
+
+_DEPTH_LOCK = threading.Lock()
+
+
+def _instrument(store: MilvusStore, depth: list[int], overlaps: list[int]) -> None:
+    live_rows, delete_batched = store._live_rows, store._delete_batched
+
+    def entering(*args, **kwargs):
+        with _DEPTH_LOCK:
+            depth[0] += 1
+            if depth[0] > 1:
+                overlaps.append(depth[0])
+        return live_rows(*args, **kwargs)
+
+    def leaving(*args, **kwargs):
+        try:
+            return delete_batched(*args, **kwargs)
+        finally:
+            with _DEPTH_LOCK:
+                depth[0] -= 1
+
+    store._live_rows, store._delete_batched = entering, leaving
 
 
 # The child updates to version 2 and dies by SIGKILL just before the N-th call of one store step.
