@@ -77,6 +77,7 @@ _LIVE = 'content_hash != ""'
 _COPIED = ["doc_id", "chunk_index", "text", "source", "metadata", "dense"]  # a tombstone's fields
 _COLLECTION_NOT_FOUND = 100
 _NOT_LOADED = 101
+_CONNECT_FAILED = 2
 # Codes Milvus uses for "your expression/parameter is wrong": Lite's IllegalArgument (6), the
 # server's legacy IllegalArgument (5) and ParameterInvalid (1100).
 _INPUT_ERROR_CODES = frozenset({5, 6, 1100})
@@ -111,7 +112,7 @@ class MilvusStore:
         if lite:  # pymilvus refuses a .db file in a missing folder
             Path(self.config.uri).parent.mkdir(parents=True, exist_ok=True)
         token = self.config.token.get_secret_value() if self.config.token else ""
-        self._client = _ReloadingClient(MilvusClient(
+        self._client = _ReloadingClient(lambda: MilvusClient(
             uri=self.config.uri, token=token, db_name=self.config.db_name, timeout=self.config.timeout_s
         ))
         self._lite_path = self._count_lite_user(self.config.uri) if lite else None
@@ -385,32 +386,38 @@ class MilvusStore:
 
 
 class _ReloadingClient:
-    """A MilvusClient that loads a collection again when the server answers "not loaded" (code 101).
+    """A MilvusClient that survives a server restart.
 
-    A restarted server (milvus-lite after a crash, a Milvus node after a release) has every
-    indexed collection released until someone loads it; without this, each process's cache of
-    loaded collections would make every read fail until the process restarts.
+    * "not loaded" (code 101): a restarted server (milvus-lite after a crash, a Milvus node after a
+      release) has every indexed collection released; load it again and retry once.
+    * "connect failed" (code 2): pymilvus closes a client whose reconnect found the server down
+      (measured: every later call failed after milvus-lite was back); build a new client, retry once.
     """
 
     _READS = frozenset({"search", "hybrid_search", "query", "query_iterator", "delete", "get"})
 
-    def __init__(self, client: MilvusClient):
-        self._client = client
+    def __init__(self, factory: Any):
+        self._factory = factory
+        self._client = factory()
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
-        if name not in self._READS:
+        if not callable(attr) or name == "close":
             return attr
 
-        def call(collection: str, *args: Any, **kwargs: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
             try:
-                return attr(collection, *args, **kwargs)
+                return getattr(self._client, name)(*args, **kwargs)
             except MilvusException as exc:
-                if exc.code != _NOT_LOADED:
+                if exc.code == _CONNECT_FAILED:
+                    logger.warning("milvus connection lost; reconnecting")
+                    self._client = self._factory()
+                elif exc.code == _NOT_LOADED and name in self._READS and args:
+                    logger.warning("collection %s was released (server restarted?); loading it again", args[0])
+                    self._client.load_collection(args[0])
+                else:
                     raise
-                logger.warning("collection %s was released (server restarted?); loading it again", collection)
-                self._client.load_collection(collection)
-                return attr(collection, *args, **kwargs)
+            return getattr(self._client, name)(*args, **kwargs)
 
         return call
 
