@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cluster.config import load_config
 from cluster.models import make_random_lora, resolve_model
-from cluster.processes import RagtuneServer, RawVLLMServer, free_port
+from cluster.processes import RagtuneServer, RawVLLMServer, free_port, scratch_stack
 from loadtests.bench import BenchContext, Peer, Row, stack_vs_raw
 from serve.config import EngineConfig
 
@@ -47,12 +47,8 @@ class BenchServers:
                               max_lora_rank=engine.max_lora_rank)
         for seed, name in enumerate(BENCH_ADAPTERS, start=1):
             store.register(make_random_lora(model_path, self.workdir / "src" / name, seed=seed), name)
-        data = self.cfg.model_dump(mode="json")
-        data["ray"]["dashboard_port"] = free_port()
-        data["serve"]["http"]["port"] = free_port()
+        data = scratch_stack(self.cfg.model_dump(mode="json"), self.workdir)
         data["serve"]["adapters"]["store_uri"] = str(store.root)
-        data["retrieval"]["milvus"]["uri"] = str(self.workdir / "milvus" / "kb.db")
-        data["milvus_lite"]["port"] = free_port()
         return self._stack.enter_context(RagtuneServer(data, self.workdir, command="up")).url
 
     def start_raw_vllm(self, model_dir: Path) -> str:

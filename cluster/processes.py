@@ -31,6 +31,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def scratch_stack(config: dict, workdir: Path) -> dict:
+    """``config`` (a stack config as ``model_dump(mode="json")``) on free loopback ports with a
+    scratch Milvus Lite under ``workdir``: a stack that shares nothing with one already running."""
+    config["serve"]["http"]["host"], config["serve"]["http"]["port"] = "127.0.0.1", free_port()
+    config["ray"]["dashboard_port"] = free_port()
+    config["retrieval"]["milvus"]["uri"] = str((workdir / "milvus" / "kb.db").resolve())
+    config["milvus_lite"]["port"] = free_port()
+    return config
+
+
 def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGINT, timeout_s: float = 60) -> None:
     """Stop a process we started: ``sig`` (graceful), then SIGKILL its process group after ``timeout_s``."""
     if proc is None or proc.poll() is not None:

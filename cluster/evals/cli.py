@@ -13,7 +13,6 @@ takes — and the updates are applied the same way after the first round of ques
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import logging
@@ -145,20 +144,16 @@ class Api:
         return self._json(self.http.post("/v1/retrieve", json=body))["data"]
 
 
-def _local_config(args, out: Path):
+def _local_config(args, out: Path) -> dict:
     """The stack config for a local run: free loopback ports and a scratch knowledge store under ``out``."""
     from cluster.config import load_config
-    from cluster.processes import free_port
+    from cluster.processes import scratch_stack
 
     cfg = load_config(args.config, args.overrides).resolved()
     if cfg.serve.auth.keys:
         raise ConfigError("the local eval stack runs open on loopback; remove serve.auth.keys or use --url",
                           param="serve.auth.keys")
-    cfg.serve.http.host, cfg.serve.http.port = "127.0.0.1", free_port()
-    cfg.ray.dashboard_port = free_port()
-    cfg.retrieval.milvus.uri = str((out / "work" / "milvus" / "kb.db").resolve())
-    cfg.milvus_lite.port = free_port()
-    return cfg
+    return scratch_stack(cfg.model_dump(mode="json"), out / "work")
 
 
 @contextmanager
@@ -171,7 +166,7 @@ def _stack(args, cfg, out: Path) -> Iterator[tuple[str, str | None]]:
 
     (out / "work" / "milvus").mkdir(parents=True, exist_ok=True)
     print(f"starting the local stack (log: {out / 'work' / 'ragtune-serve.log'}) …", flush=True)
-    with RagtuneServer(cfg.model_dump(mode="json"), out / "work") as server:
+    with RagtuneServer(cfg, out / "work") as server:
         yield server.url, None
 
 
@@ -230,7 +225,7 @@ def _retrieval(api: Api, collection: str, questions: list[Question], top_k: int,
 
 
 async def _ask(args, url: str, key: str | None, collection: str, arms: list[Arm], questions: list[Question],
-               updates: list, apply_updates) -> list[ArmRun]:
+               updates: list, by_id: dict[str, Question], apply_updates) -> list[ArmRun]:
     """Every arm on the questions; then, if there are updates, apply them and ask their questions."""
     import openai
 
@@ -248,7 +243,6 @@ async def _ask(args, url: str, key: str | None, collection: str, arms: list[Arm]
     if args.judge_url:
         async with openai.AsyncOpenAI(base_url=args.judge_url, api_key=os.environ.get("RAGTUNE_JUDGE_API_KEY", "none"),
                                       max_retries=0, timeout=600) as judge_client:
-            by_id = {q.id: q for q in questions} | {q.id: q for u in updates for q in u.questions}
             verdicts = await Judge(judge_client, args.judge_model, args.concurrency).grade_all(
                 [a for run in runs for a in run.answers], by_id)
         for run in runs:
@@ -275,10 +269,8 @@ def cmd_eval(args) -> int:
     check_gold(questions, updates, {d["id"] for d in documents})
     for line in failed_docs:
         print(f"warning: not ingested: {line}", file=sys.stderr)
-    skipped: dict[str, str] = {}
-    if not (args.adapter or args.train):
-        skipped = {arm: "no --adapter and no --train: nothing fine-tuned to evaluate"
-                   for arm in ("ft", "ft+rag") if arm in wanted}
+    skipped: dict[str, str] = {} if args.adapter or args.train else {
+        arm: "no --adapter and no --train: nothing fine-tuned to evaluate" for arm in ("ft", "ft+rag") if arm in wanted}
     out.mkdir(parents=True, exist_ok=True)
     by_id = {q.id: q for q in questions} | {q.id: q for u in updates for q in u.questions}
     collection = f"eval-{uuid.uuid4().hex[:8]}"
@@ -287,7 +279,7 @@ def cmd_eval(args) -> int:
     adapter = args.adapter
     needs_ft = any(a in wanted and a not in skipped for a in ("ft", "ft+rag"))
     if needs_ft and not adapter:  # before the stack starts: the two would share 2 cores otherwise
-        adapter, why = _train(args, cfg.serve.adapters.store_uri if cfg else None, out)
+        adapter, why = _train(args, cfg["serve"]["adapters"]["store_uri"] if cfg else None, out)
         if why:
             skipped.update({a: why for a in ("ft", "ft+rag") if a in wanted})
 
@@ -305,7 +297,7 @@ def cmd_eval(args) -> int:
         print(f"ingested {len(documents)} documents into {collection}: {ingest}", flush=True)
         try:
             retrieval = _retrieval(api, collection, questions, args.top_k, args.mode) if any(a.rag for a in arms) else {}
-            runs = asyncio.run(_ask(args, url, key, collection, arms, questions, updates,
+            runs = asyncio.run(_ask(args, url, key, collection, arms, questions, updates, by_id,
                                     lambda: api.put(collection, [{**next(d for d in documents if d["id"] == u.document),
                                                                   "text": u.text} for u in updates])))
         finally:
@@ -332,18 +324,3 @@ def cmd_eval(args) -> int:
     print(f"report: {out / 'report.json'}, chart: {out / 'report.png'}, per question: {out / 'answers.jsonl'}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ragtune eval")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(argv if argv is not None else sys.argv[1:])])
-    logging.basicConfig(level=logging.INFO)
-    try:
-        return args.func(args)
-    except RagtuneError as exc:
-        print(f"ragtune eval: error: {exc.message}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
