@@ -51,3 +51,15 @@ def server(tmp_path_factory, store):
     with RagtuneServer(json.loads(json.dumps(config)), workdir) as srv:
         yield srv
         print(srv.tail(20))
+
+
+@pytest.fixture(scope="module")
+def ray_local(tiny_model):
+    """A local Ray on loopback for one test module's training runs (tests/integration/test_train*.py)."""
+    import ray
+
+    from train.cli import start_local_ray
+
+    start_local_ray(num_cpus=2)
+    yield
+    ray.shutdown()

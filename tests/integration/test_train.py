@@ -27,14 +27,13 @@ from cluster.errors import ConfigError
 from cluster.models import TINY_LLAMA
 from cluster.processes import free_port
 from serve.registry import AdapterRegistry
-from train.cli import job_client, start_local_ray, submit_job, wait_job
-from train.config import TrainConfig, load_config
+from tests.integration.training import tiny_config
+from train.cli import job_client, submit_job, wait_job
 from train.launch import launch
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_YAML = REPO / "train" / "configs" / "tiny-test.yaml"
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -44,24 +43,8 @@ def tiny_path(tiny_model) -> Path:  # tiny_model: the session fixture of tests/c
 
 
 @pytest.fixture(scope="module")
-def ray_local(tiny_path):
-    import ray
-
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train")
-
-
-def _config(workdir: Path, name: str, *overrides: str) -> TrainConfig:
-    return load_config(TINY_YAML, [
-        f"run.name={name}", f"run.storage_path={workdir}/results", f"export.store={workdir}/adapters",
-        f"models_dir={REPO}/data/models", f"torch_extensions_dir={REPO}/data/torch_extensions",
-        f"data.paths=[{REPO}/train/examples/ragtune-style.jsonl]", "export.adapter_name=" + name, *overrides])
 
 
 def _checkpoint_metrics(workdir: Path, name: str) -> list[dict]:
@@ -105,9 +88,9 @@ def _check_adapter(adapter_dir: str, tiny_path: Path) -> None:
 @pytest.fixture(scope="module")
 def zero2(ray_local, workdir):
     # Rank 1 raises at step 13; the last checkpoint is step 10, so attempt 2 redoes 11-24.
-    cfg = _config(workdir, "z2", "deepspeed.zero_stage=2", "run.max_steps=24", "run.checkpoint_every_steps=5",
-                  "eval.every_steps=5", "run.num_to_keep=null", "debug.fail_at_step=13", "debug.fail_rank=1",
-                  "run.max_failures=1")
+    cfg = tiny_config(workdir, "z2", "deepspeed.zero_stage=2", "run.max_steps=24", "run.checkpoint_every_steps=5",
+                      "eval.every_steps=5", "run.num_to_keep=null", "debug.fail_at_step=13", "debug.fail_rank=1",
+                      "run.max_failures=1")
     return cfg, launch(cfg)
 
 
@@ -176,7 +159,7 @@ def test_zero2_run_is_tracked_in_mlflow_and_the_adapter_leads_to_it(zero2, workd
 
 def test_resubmitted_run_continues_at_the_saved_step(zero2, workdir, tiny_path):
     cfg, _ = zero2
-    again = _config(workdir, "z2", *[f"{k}={v}" for k, v in {
+    again = tiny_config(workdir, "z2", *[f"{k}={v}" for k, v in {
         "deepspeed.zero_stage": 2, "run.max_steps": 28, "run.checkpoint_every_steps": 5, "eval.every_steps": 5,
         "run.num_to_keep": "null", "debug.fail_at_step": 13, "debug.fail_rank": 1}.items()])
     outcome = launch(again)
@@ -190,9 +173,9 @@ def test_resubmitted_run_continues_at_the_saved_step(zero2, workdir, tiny_path):
 
 def test_bf16_early_stopping_and_tensorboard(ray_local, workdir, tiny_path):
     # min_delta=100: only the first eval counts as an improvement, so patience=1 stops at the 2nd.
-    cfg = _config(workdir, "es", "deepspeed.precision=bf16", "run.max_steps=30", "eval.every_steps=3",
-                  "eval.early_stopping_patience=1", "eval.early_stopping_min_delta=100",
-                  f"run.tensorboard_dir={workdir}/tb")
+    cfg = tiny_config(workdir, "es", "deepspeed.precision=bf16", "run.max_steps=30", "eval.every_steps=3",
+                       "eval.early_stopping_patience=1", "eval.early_stopping_min_delta=100",
+                       f"run.tensorboard_dir={workdir}/tb")
     outcome = launch(cfg)
     assert outcome.metrics["stopped_early"] is True and outcome.metrics["step"] == 6
     assert list((workdir / "tb" / "es").glob("events.out.tfevents.*"))
@@ -224,10 +207,10 @@ def _assert_adapter_is_the_best_copy_not_the_last(final: Path, adapter: Path) ->
 def zero3(ray_local, workdir):
     # Packed rows (1 row of <= 1280 tokens ≈ 9 examples per worker per micro-batch) and gradient
     # checkpointing ride along: the efficiency options must train under ZeRO-3 too.
-    cfg = _config(workdir, "z3", "deepspeed.zero_stage=3", "deepspeed.stage3_param_persistence_threshold=0",
-                  "run.max_steps=12", "run.checkpoint_every_steps=6", "eval.every_steps=6", "run.num_to_keep=null",
-                  "data.packing=true", "data.pack_length=1280", "run.micro_batch_size=1",
-                  "run.gradient_checkpointing=true")
+    cfg = tiny_config(workdir, "z3", "deepspeed.zero_stage=3", "deepspeed.stage3_param_persistence_threshold=0",
+                       "run.max_steps=12", "run.checkpoint_every_steps=6", "eval.every_steps=6", "run.num_to_keep=null",
+                       "data.packing=true", "data.pack_length=1280", "run.micro_batch_size=1",
+                       "run.gradient_checkpointing=true")
     return cfg, launch(cfg)
 
 
@@ -245,7 +228,7 @@ def test_zero3_packed_checkpointed_trains_and_exports_gathered_weights(zero3, wo
 
 
 def test_invalid_resources_fail_before_any_worker(ray_local, workdir):
-    cfg = _config(workdir, "too-big", "scaling.num_workers=8")
+    cfg = tiny_config(workdir, "too-big", "scaling.num_workers=8")
     with pytest.raises(ConfigError, match="scaling.num_workers=8"):
         launch(cfg)
 
@@ -315,7 +298,7 @@ def test_job_submission_without_the_token_is_refused(ray_head):
 
 def test_job_submission_trains_and_registers_the_adapter(ray_head, workdir, tiny_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    cfg = _config(workdir, "job", "run.max_steps=6", "run.checkpoint_every_steps=6", "eval.every_steps=6")
+    cfg = tiny_config(workdir, "job", "run.max_steps=6", "run.checkpoint_every_steps=6", "eval.every_steps=6")
     job_id = submit_job(cfg, ray_head)
     client = job_client(ray_head)
     status = wait_job(client, job_id, timeout_s=300)

@@ -13,23 +13,12 @@ from pathlib import Path
 import pytest
 
 from cluster.errors import ConfigError
-from train.cli import start_local_ray
-from train.config import TrainConfig, load_config
+from tests.integration.training import tiny_config
+from train.config import TrainConfig
 from train.launch import launch
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_YAML = REPO / "train" / "configs" / "tiny-test.yaml"
-
-
-@pytest.fixture(scope="module")
-def ray_local(tiny_model):
-    import ray
-
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +27,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _config(workdir: Path, name: str, *overrides: str) -> TrainConfig:
-    return load_config(TINY_YAML, [
-        f"run.name={name}", f"run.storage_path={workdir}/results", f"export.store={workdir}/adapters",
-        f"models_dir={REPO}/data/models", f"torch_extensions_dir={REPO}/data/torch_extensions",
-        f"data.paths=[{REPO}/train/examples/ragtune-style.jsonl]", f"export.adapter_name={name}",
-        "deepspeed.zero_stage=2", "run.checkpoint_every_steps=4", "eval.every_steps=4", "run.num_to_keep=null",
-        "run.max_failures=0", "tracking.mlflow=false", *overrides])
+    return tiny_config(workdir, name, "deepspeed.zero_stage=2", "run.checkpoint_every_steps=4", "eval.every_steps=4",
+                       "run.num_to_keep=null", "run.max_failures=0", "tracking.mlflow=false", *overrides)
 
 
 def _eval_losses(workdir: Path, name: str) -> dict[int, float]:

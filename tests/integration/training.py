@@ -1,0 +1,18 @@
+"""The tiny training recipe the training integration tests share (tests/integration/test_train*.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from train.config import TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_YAML = REPO / "train" / "configs" / "tiny-test.yaml"
+
+
+def tiny_config(workdir: Path, name: str, *overrides: str) -> TrainConfig:
+    """The tiny recipe as run ``name``, writing under ``workdir``, with ``overrides`` (``key=value``) last."""
+    return load_config(TINY_YAML, [
+        f"run.name={name}", f"run.storage_path={workdir}/results", f"export.store={workdir}/adapters",
+        f"models_dir={REPO}/data/models", f"torch_extensions_dir={REPO}/data/torch_extensions",
+        f"data.paths=[{REPO}/train/examples/ragtune-style.jsonl]", "export.adapter_name=" + name, *overrides])
