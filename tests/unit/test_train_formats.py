@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.models import TINY_LLAMA, build_model
+from tests.unit.test_train_data import _targets, _write  # the same file writer and label decoder
 from train.data import (
     IGNORE_INDEX,
     DatasetError,
@@ -68,22 +69,6 @@ def tool_tokenizer(model_path):
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.chat_template = TOOL_TEMPLATE
     return tok
-
-
-def _write(path: Path, *lines) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
-    return path
-
-
-def _targets(tokenizer, example: Example) -> list[str]:
-    spans, current = [], []
-    for token, label in zip(example.input_ids, example.labels, strict=True):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            spans.append(tokenizer.decode(current))
-            current = []
-    return [*spans, tokenizer.decode(current)] if current else spans
 
 
 # ---- ShareGPT ------------------------------------------------------------------------------
