@@ -49,13 +49,17 @@ def test_bench_serving_sections_and_extras(servers, tmp_path):
 
     result = run_bench(ctx, {**SERVING_SECTIONS, "d_ingest": ingest, "e_train": broken}, tmp_path / "results")
     rows = _by_metric(result.rows)
-    # Physics gives lower bounds (the peer streams ≥ 12 ms per token, RAG adds ≥ 200 ms); the
+    # Physics gives bounds (the peer streams ≥ 12 ms per token, RAG adds ≥ 200 ms). Per-token
     # orderings use a wide injected gap (0 vs 12 ms per token) so a loaded host cannot flip them.
+    # Throughput is not ordered: a step here lasts ~10 ms, and one stall of the host (a CI run saw
+    # 1.2 s) flips it; the peer's rate is bounded by its delay instead: c streams ÷ 12 ms per token.
     for c in (1, 4, 16):
         assert rows["a_stack_vs_raw", f"TPOT p50 @c={c}"].peer >= 11.5
+        tput = rows["a_stack_vs_raw", f"output tok/s @c={c}"]
+        assert 0 < tput.peer <= c / 0.012 * 1.02 and tput.ours > 0
+        assert tput.ratio == pytest.approx(tput.ours / tput.peer) and tput.better == "higher"
     tpot = rows["a_stack_vs_raw", "TPOT p50 @c=4"]
     assert tpot.ratio < 1 and tpot.better == "lower" and tpot.peer_label == "raw vLLM"
-    assert rows["a_stack_vs_raw", "output tok/s @c=4"].ratio > 1
     rag = rows["c_rag", "TTFT p50 @c=4"]
     assert rag.ours_label == "with RAG" and rag.peer_label == "without RAG" and rag.ours >= 200
     assert ours.stats.rag == 8  # quick mode, c=4: 8 requests, all with RAG; the plain run had none
