@@ -3,8 +3,13 @@
 * ``bench_ingest``: ingest rate (chunks/s, end to end: chunk, hash, embed, upsert, flush) vs the
   raw embedder's encode rate on the same chunk texts. Goal: ratio >= 0.9.
 * ``bench_ingest_scale``: the same ratio at scale (``--scale 100000``: 100k chunks through the
-  real write path, batched embedding and bulk upserts); the raw rate is measured on a sample of
-  the same chunk texts before and after the ingest.
+  real write path, batched embedding, writes overlapped with encoding); the raw rate is
+  ``SentenceTransformer.encode`` of the same chunk texts (all of them, or ``--sample N`` of them)
+  at the same batch size, half before and half after the ingest so machine-load drift hits both.
+  ``--part I/P --workdir DIR`` ingests the I-th of P slices of the corpus into one persistent
+  collection (pieces that fit a shared machine's lock slots); each part prints its rows and the
+  cumulative ones over the parts done so far. Rows also split the ingest's time: encode (main
+  thread), store writes (writer thread, overlapped), and the rest (chunking, hashing, waiting).
 * ``bench_quality``: hit@k, MRR@k, nDCG@k (``retrieval.quality``) on a labelled set (a folder of
   documents + JSON Lines of ``{"id", "question", "documents": [ids]}``) for chunk sizes, heading
   context on/off and dense/hybrid: ``--quality DOCS QA.jsonl``.
@@ -36,7 +41,8 @@ from retrieval.retriever import Retriever
 from retrieval.sample_kb import SAMPLE_KB_DIR
 from retrieval.types import Document, EmbedderLike
 
-__all__ = ["bench_ingest", "bench_ingest_scale", "bench_quality", "bench_retrieve", "main", "run", "synthetic_documents"]
+__all__ = ["bench_ingest", "bench_ingest_scale", "bench_quality", "bench_retrieve", "main", "run", "scale_corpus",
+           "synthetic_documents"]
 
 Row = dict[str, Any]
 
@@ -93,9 +99,10 @@ def bench_ingest(workdir: Path, *, docs: int = 60, doc_chars: int = 2400, chunk_
         # Create the registry and the collection outside the timing: the goal is the steady rate.
         retriever.ingestor.ingest("bench-ingest", "bench", [Document("warm-up", "warm up")], progress=False)
         # Raw encode before and after the ingest, averaged, so machine-load drift hits both sides.
-        raw_seconds = _timed(retriever.embedder.encode, texts)
+        raw = _raw_encode(retriever.embedder)
+        raw_seconds = _timed(raw, texts)
         summary = retriever.ingestor.ingest("bench-ingest", "bench", documents, progress=False)
-        raw_seconds = (raw_seconds + _timed(retriever.embedder.encode, texts)) / 2
+        raw_seconds = (raw_seconds + _timed(raw, texts)) / 2
     finally:
         retriever.close()
     raw_rate, ingest_rate = len(texts) / raw_seconds, summary.chunks / summary.seconds
@@ -106,47 +113,115 @@ def bench_ingest(workdir: Path, *, docs: int = 60, doc_chars: int = 2400, chunk_
     ]
 
 
-def bench_ingest_scale(workdir: Path, *, chunks: int = 100_000, chunk_chars: int = 300, sample: int = 4096,
-                       embedder: EmbedderLike | None = None, progress: bool = True) -> list[Row]:
+def _raw_encode(embedder: EmbedderLike) -> Any:
+    """The reference: the model's own ``SentenceTransformer.encode`` at the ingest's batch size and
+    prompt, numpy out (no list conversion); a fake embedder's ``encode`` where there is no model."""
+    model = getattr(embedder, "model", None)
+    if model is None or not hasattr(model, "encode"):
+        return embedder.encode
+    batch, prompt = embedder.config.batch_size, embedder.prompts.document  # type: ignore[attr-defined]
+    return lambda texts: model.encode(list(texts), prompt=prompt, batch_size=batch, normalize_embeddings=True,
+                                      convert_to_numpy=True, show_progress_bar=False)
+
+
+def scale_corpus(chunks: int, chunker: Chunker, chunk_chars: int = 300) -> tuple[list[Document], list[list[str]]]:
+    """Deterministic documents of ~4 chunks each until the chunker yields ``chunks``; with their chunks."""
+    documents, pieces, total, seed = [], [], 0, 10
+    while total < chunks:
+        for doc in synthetic_documents(1000, chunk_chars * 7 // 2, seed=seed):
+            documents.append(Document(f"{doc.id}-{seed}", doc.text, doc.source))
+            pieces.append(chunker.split(doc.text))
+            total += len(pieces[-1])
+            if total >= chunks:
+                break
+        seed += 1
+    return documents, pieces
+
+
+def bench_ingest_scale(workdir: Path, *, chunks: int = 100_000, chunk_chars: int = 300, sample: int | None = None,
+                       part: tuple[int, int] = (1, 1), embedder: EmbedderLike | None = None,
+                       progress: bool = True) -> list[Row]:
     """Ingest ``chunks`` chunks (synthetic documents of ~4 chunks each) and compare with raw encode.
 
     Args:
-        workdir: Folder for a fresh Milvus Lite file.
-        chunks: Chunks to ingest (documents are generated until the chunker yields this many).
+        workdir: Folder for the Milvus Lite file (kept across parts when the caller keeps it).
+        chunks: Chunks in the whole corpus (documents are generated until the chunker yields this many).
         chunk_chars: Chunk size in characters (300 = ~70 MiniLM tokens; overlap 1/8 of it).
-        sample: Chunk texts encoded raw, before and after the ingest, for the reference rate.
+        sample: Chunk texts (of this part, evenly spaced) encoded raw; None = all of them.
+        part: ``(i, p)``: ingest the i-th (1-based) of p equal slices of the documents.
         embedder: Reuse a loaded embedder (else the configured one is loaded).
         progress: Show the ingest's tqdm bar.
     """
+    index, parts = part
+    if not 1 <= index <= parts:
+        raise ValueError(f"part {index}/{parts}: need 1 <= i <= p")
+    workdir.mkdir(parents=True, exist_ok=True)
     config = _config(workdir, chunk_chars)
     retriever = Retriever(config, embedder=embedder)
-    chunker = retriever.ingestor.chunker
-    documents, texts, seed = [], [], 10
-    while len(texts) < chunks:
-        batch = synthetic_documents(1000, chunk_chars * 7 // 2, seed=seed)
-        for doc in batch:
-            doc = Document(f"{doc.id}-{seed}", doc.text, doc.source)
-            documents.append(doc)
-            texts.extend(chunker.split(doc.text))
-            if len(texts) >= chunks:
-                break
-        seed += 1
+    ingestor, embedder = retriever.ingestor, retriever.embedder
+    documents, pieces = scale_corpus(chunks, ingestor.chunker, chunk_chars)
+    lo, hi = len(documents) * (index - 1) // parts, len(documents) * index // parts
+    documents, texts = documents[lo:hi], [t for chunk_list in pieces[lo:hi] for t in chunk_list]
+    probe = texts if sample is None or sample >= len(texts) else texts[:: len(texts) // sample][:sample]
+    raw = _raw_encode(embedder)
+    timers: dict[str, float] = {"encode": 0.0, "write": 0.0}
     try:
-        retriever.embedder.encode(texts[:128])
-        retriever.ingestor.ingest("bench-scale", "bench", [Document("warm-up", "warm up")], progress=False)
-        probe = texts[:: max(1, len(texts) // sample)][:sample]
-        raw_seconds = _timed(retriever.embedder.encode, probe)
-        summary = retriever.ingestor.ingest("bench-scale", "bench", documents, progress=progress)
-        raw_seconds = (raw_seconds + _timed(retriever.embedder.encode, probe)) / 2
+        raw(texts[:128])  # warm-up; the registry and collection are created outside the timing
+        ingestor.ingest("bench-scale", "bench", [Document("warm-up", "warm up")], progress=False)
+        raw_seconds = _timed(raw, probe[0::2])
+        ingestor.embedder = _Timed(embedder, "encode", timers)  # type: ignore[assignment]
+        ingestor.store = _Timed(ingestor.store, "replace_documents", timers, "write")  # type: ignore[assignment]
+        summary = ingestor.ingest("bench-scale", "bench", documents, progress=progress)
+        ingestor.embedder, ingestor.store = embedder, ingestor.store._inner  # type: ignore[attr-defined]
+        raw_seconds += _timed(raw, probe[1::2])
     finally:
         retriever.close()
-    raw_rate, ingest_rate = len(probe) / raw_seconds, summary.chunks / summary.seconds
+    result = {"part": f"{index}/{parts}", "chunks": summary.chunks, "docs": summary.added + summary.updated,
+              "failed": summary.failed, "seconds": summary.seconds, "raw_texts": len(probe),
+              "raw_seconds": raw_seconds, **{f"{k}_s": v for k, v in timers.items()}}
+    rows = _scale_rows("ingest_scale", result)
+    if parts > 1:
+        log = workdir / "scale-parts.jsonl"
+        with log.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(result) + "\n")
+        done = {r["part"]: r for r in map(json.loads, log.read_text(encoding="utf-8").splitlines())}
+        total = {k: sum(r[k] for r in done.values()) for k in result if k != "part"}
+        rows += _scale_rows("ingest_scale_cumulative", {"part": f"{len(done)}/{parts}", **total})
+    return rows
+
+
+def _scale_rows(bench: str, r: dict[str, Any]) -> list[Row]:
+    raw_rate, ingest_rate = r["raw_texts"] / r["raw_seconds"], r["chunks"] / r["seconds"]
     return [
-        _row("ingest_scale", "raw_encode_rate", raw_rate, "chunks/s", chunks=len(probe)),
-        _row("ingest_scale", "ingest_rate", ingest_rate, "chunks/s", chunks=summary.chunks, docs=summary.added,
-             seconds=round(summary.seconds, 1)),
-        _row("ingest_scale", "ingest_vs_raw", ingest_rate / raw_rate, "ratio", goal=">= 0.9"),
+        _row(bench, "raw_encode_rate", raw_rate, "chunks/s", chunks=r["raw_texts"], part=r["part"]),
+        _row(bench, "ingest_rate", ingest_rate, "chunks/s", chunks=r["chunks"], docs=r["docs"], failed=r["failed"],
+             seconds=round(r["seconds"], 1), part=r["part"]),
+        _row(bench, "ingest_vs_raw", ingest_rate / raw_rate, "ratio", goal=">= 0.9", part=r["part"]),
+        _row(bench, "time_split", r["seconds"], "s", encode_s=round(r["encode_s"], 1),
+             write_s_overlapped=round(r["write_s"], 1), rest_s=round(r["seconds"] - r["encode_s"], 1),
+             part=r["part"]),
     ]
+
+
+class _Timed:
+    """Forwards to ``inner``; adds the wall time of calls to method ``name`` to ``timers[key]``."""
+
+    def __init__(self, inner: Any, name: str, timers: dict[str, float], key: str | None = None):
+        self._inner, self._name, self._timers, self._key = inner, name, timers, key or name
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(self._inner, attr)
+        if attr != self._name:
+            return value
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return value(*args, **kwargs)
+            finally:
+                self._timers[self._key] += time.perf_counter() - started
+
+        return timed
 
 
 def bench_quality(workdir: Path, docs: Path, qa: Path, *, k: int = 5, sizes: tuple[int, ...] = (400, 800),
@@ -268,6 +343,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where to put temporary Milvus files")
     parser.add_argument("--scale", type=int, default=None, metavar="CHUNKS",
                         help="only the ingest-at-scale benchmark with this many chunks (e.g. 100000)")
+    parser.add_argument("--sample", type=int, default=None, metavar="TEXTS",
+                        help="with --scale: encode only this many of the chunk texts raw (default: all)")
+    parser.add_argument("--part", default="1/1", metavar="I/P",
+                        help="with --scale: ingest the I-th of P slices into DIR from --workdir (kept)")
     parser.add_argument("--quality", nargs=2, type=Path, default=None, metavar=("DOCS", "QA_JSONL"),
                         help="only the retrieval-quality comparison on a labelled set")
     args = parser.parse_args(argv)
@@ -275,8 +354,14 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="ragtune-bench-", dir=args.workdir) as tmp:
             rows = bench_quality(Path(tmp), *args.quality)
     elif args.scale:
-        with tempfile.TemporaryDirectory(prefix="ragtune-bench-", dir=args.workdir) as tmp:
-            rows = bench_ingest_scale(Path(tmp), chunks=args.scale)
+        index, parts = (int(x) for x in args.part.split("/"))
+        if parts > 1:
+            if args.workdir is None:
+                parser.error("--part I/P needs --workdir DIR (the collection is kept there across parts)")
+            rows = bench_ingest_scale(args.workdir, chunks=args.scale, sample=args.sample, part=(index, parts))
+        else:
+            with tempfile.TemporaryDirectory(prefix="ragtune-bench-", dir=args.workdir) as tmp:
+                rows = bench_ingest_scale(Path(tmp), chunks=args.scale, sample=args.sample)
     else:
         rows = run(quick=not args.full, workdir=args.workdir)
     for row in rows:

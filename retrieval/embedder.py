@@ -114,6 +114,11 @@ class Embedder:
                     self._model.device, self.prompts.origin)
 
     @property
+    def model(self) -> Any:
+        """The underlying ``SentenceTransformer`` (benchmarks compare against its raw ``encode``)."""
+        return self._model
+
+    @property
     def max_seq_length(self) -> int:
         """Tokens per text the model reads; longer inputs are truncated by sentence-transformers."""
         return int(self._model.max_seq_length)

@@ -15,7 +15,10 @@ so a config change re-embeds) is stored on every chunk. On ingest:
   in the summary and the rest continue.
 
 Embedding is batched across documents (``ingest.batch_chunks``) so ingest runs close to the raw
-encode rate of the model.
+encode rate of the model, and the store write of one group runs on a writer thread while the next
+group encodes (the model's forward pass releases the GIL; Milvus calls wait on the network). One
+writer thread keeps the groups' writes in input order, each still one locked switch per group; at
+most one group waits behind the write in flight, so memory stays two groups' vectors.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -291,25 +295,51 @@ class Ingestor:
         summary.deleted = len(stale)
 
     def _write(self, info: CollectionInfo, pending: list[_Pending], summary: IngestSummary, show: bool) -> None:
+        """Encode group after group on this thread; a single writer thread stores them in order.
+
+        A group that fails (encode or write) fails only its documents; the rest continue.
+        """
         total = sum(len(p.chunks) for p in pending)
-        with tqdm(total=total, unit="chunk", desc=f"ingest {info.name}", disable=not show or not total) as bar:
+        in_flight: deque[tuple[list[_Pending], Future[int]]] = deque()
+        with tqdm(total=total, unit="chunk", desc=f"ingest {info.name}", disable=not show or not total) as bar, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer") as writer:
             for group in _groups(pending, self.config.batch_chunks):
                 try:
-                    written = self._write_group(info, group)
+                    records = self._records(group)
                 except Exception as exc:  # one bad batch must not stop the rest
-                    # Type only: a driver's message may quote document text; the caller gets it in errors.
-                    logger.warning("ingest %s: batch of %d documents failed (%s)", info.name, len(group),
-                                   type(exc).__name__)
-                    for p in group:
-                        summary.fail(ItemError(p.doc.origin or p.doc.id, f"embedding/write failed: {exc}", p.doc.id))
-                    written = 0
-                else:
-                    summary.added += sum(not p.update for p in group)
-                    summary.updated += sum(p.update for p in group)
-                summary.chunks += written
-                bar.update(sum(len(p.chunks) for p in group))
+                    self._group_failed(info, group, summary, exc, bar)
+                    continue
+                in_flight.append((group, writer.submit(self.store.replace_documents, info, records)))
+                # The next group encodes while this one is written; wait for older writes first.
+                while len(in_flight) > 1:
+                    self._collect(info, *in_flight.popleft(), summary, bar)
+            while in_flight:
+                self._collect(info, *in_flight.popleft(), summary, bar)
 
-    def _write_group(self, info: CollectionInfo, group: list[_Pending]) -> int:
+    def _collect(self, info: CollectionInfo, group: list[_Pending], write: Future[int], summary: IngestSummary,
+                 bar: tqdm) -> None:
+        try:
+            write.result()
+        except Exception as exc:
+            self._group_failed(info, group, summary, exc, bar)
+            return
+        summary.added += sum(not p.update for p in group)
+        summary.updated += sum(p.update for p in group)
+        chunks = sum(len(p.chunks) for p in group)
+        summary.chunks += chunks
+        bar.update(chunks)
+
+    @staticmethod
+    def _group_failed(info: CollectionInfo, group: list[_Pending], summary: IngestSummary, exc: Exception,
+                      bar: tqdm) -> None:
+        # Type only: a driver's message may quote document text; the caller gets it in errors.
+        logger.warning("ingest %s: batch of %d documents failed (%s)", info.name, len(group), type(exc).__name__)
+        for p in group:
+            summary.fail(ItemError(p.doc.origin or p.doc.id, f"embedding/write failed: {exc}", p.doc.id))
+        bar.update(sum(len(p.chunks) for p in group))
+
+    def _records(self, group: list[_Pending]) -> list[ChunkRecord]:
+        """The group's chunks embedded in one call (sentence-transformers sorts them by length inside)."""
         texts = [chunk for p in group for chunk in p.chunks]
         vectors = self.embedder.encode(texts)
         records, offset = [], 0
@@ -319,8 +349,7 @@ class Ingestor:
                                            text, p.doc.source, p.metadata[index], p.hash, vectors[offset + index]))
             offset += len(p.chunks)
         # Embedding is done: the store's per-document lock is held only for the switch itself.
-        self.store.replace_documents(info, records)
-        return len(records)
+        return records
 
 
 def _groups(pending: list[_Pending], batch_chunks: int) -> Iterable[list[_Pending]]:

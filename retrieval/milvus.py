@@ -273,7 +273,9 @@ class MilvusStore:
         with self.locks.hold(info.physical, docs):
             old = [row for row in self._live_rows(info, docs) if str(row["id"]) not in new_ids]
             self._client.upsert(info.physical, [_row(info, r) for r in records] + [_tombstone(info, o) for o in old])
-            self._delete_batched(info, docs, _TOMBSTONE)
+            # Only documents that had old rows got tombstones: a new document's switch is the upsert
+            # alone (a filtered delete scans the collection; measured ~0.1 s a group at 4k rows).
+            self._delete_batched(info, sorted({str(o["doc_id"]) for o in old}), _TOMBSTONE)
 
     def delete_documents(self, info: CollectionInfo, doc_ids: Sequence[str]) -> None:
         """Delete every chunk of the given documents (each document in one delete request, under its lock)."""
