@@ -90,6 +90,7 @@ class Chunker:
         if self.config.unit == "token" and tokenizer is None:
             raise ValueError("chunking.unit='token' needs the embedder's tokenizer")
         self._tokenizer = tokenizer
+        self._backend = _counting_backend(tokenizer) if self.config.unit == "token" else None
         self._count: Callable[[str], int] = self._count_tokens if self.config.unit == "token" else len
         self._semchunk: Any = None
         self._markdown: Any = None
@@ -221,8 +222,29 @@ class Chunker:
         return spans
 
     def _count_tokens(self, text: str) -> int:
+        if self._backend is not None:
+            return len(self._backend.encode(text, add_special_tokens=False).ids)
         encoded = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return len(encoded["offset_mapping"])
+
+
+def _counting_backend(tokenizer: Any) -> Any:
+    """A private copy of a fast tokenizer's Rust backend with truncation and padding off, or None.
+
+    semchunk counts ~16 substrings per chunk it cuts; through ``PreTrainedTokenizerFast.__call__``
+    a count costs ~0.1 ms of Python around the Rust call (measured: token-unit chunking 0.8 ms a
+    chunk, ~8% of MiniLM's encode time on 2 cores). A copy, not the shared backend: the embedder's
+    encode leaves truncation (max_seq_length) set on it, which would cap the counts.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
 
 
 def _pages(text: str, paged: bool) -> list[tuple[int, int]]:
