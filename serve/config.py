@@ -167,6 +167,9 @@ class DeploymentConfig(StrictModel):
     max_queued_requests: int = Field(256, ge=-1, description="Queue bound per caller; beyond it requests get 503 + Retry-After. -1: unbounded. The HTTP-facing deployment (Ingress, or LLMServer when fused) always runs unbounded: limits.max_concurrent_requests bounds it with an OpenAI-shaped 429.")
     num_cpus: float = Field(0, ge=0, description="CPUs reserved in Ray (0 on a 2-core box: vLLM's engine process does the work).")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (= tensor_parallel_size for the LLM deployment on GPUs).")
+    node_labels: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels the replicas prefer (e.g. {ragtune-pool: llm}); while no "
+        "live node carries them, replicas go to any node with room (Ray's label_selector + fallback_strategy).")
 
     @model_validator(mode="after")
     def _check(self) -> DeploymentConfig:
@@ -181,6 +184,9 @@ class DeploymentConfig(StrictModel):
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
+        if self.node_labels:  # preferred, not required: losing the labelled nodes must not strand the replicas
+            opts["ray_actor_options"] |= {"label_selector": dict(self.node_labels),
+                                          "fallback_strategy": [{"label_selector": {}}]}
         if self.num_replicas == "auto":
             opts["autoscaling_config"] = {
                 "min_replicas": self.min_replicas,
