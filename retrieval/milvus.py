@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -78,6 +79,13 @@ _COPIED = ["doc_id", "chunk_index", "text", "source", "metadata", "dense"]  # a 
 _COLLECTION_NOT_FOUND = 100
 _NOT_LOADED = 101
 _CONNECT_FAILED = 2
+_RECONNECT_BACKOFF_S, _RECONNECT_BACKOFF_MAX_S = 0.25, 2.0  # between reconnect attempts, within timeout_s
+# gRPC's default reconnect backoff grows to 120 s and its subchannels are shared by every channel of
+# the process, so after a few refused connects a new client to a restarted server still failed fast
+# for seconds (measured: ~2 s after a 1.5 s milvus-lite restart). A channel-local pool and a 1 s cap
+# make a reconnect try the server again at once.
+_GRPC_OPTIONS = {"grpc.use_local_subchannel_pool": 1, "grpc.initial_reconnect_backoff_ms": 100,
+                 "grpc.min_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 1000}
 # Codes Milvus uses for "your expression/parameter is wrong": Lite's IllegalArgument (6), the
 # server's legacy IllegalArgument (5) and ParameterInvalid (1100).
 _INPUT_ERROR_CODES = frozenset({5, 6, 1100})
@@ -113,8 +121,9 @@ class MilvusStore:
             Path(self.config.uri).parent.mkdir(parents=True, exist_ok=True)
         token = self.config.token.get_secret_value() if self.config.token else ""
         self._client = _ReloadingClient(lambda: MilvusClient(
-            uri=self.config.uri, token=token, db_name=self.config.db_name, timeout=self.config.timeout_s
-        ))
+            uri=self.config.uri, token=token, db_name=self.config.db_name, timeout=self.config.timeout_s,
+            grpc_options=_GRPC_OPTIONS,
+        ), self.config.timeout_s)
         self._lite_path = self._count_lite_user(self.config.uri) if lite else None
         self.registry = CollectionRegistry(self._client, self.config)
         self.locks = DocumentLocks(self._client, f"{self.config.collection_prefix}doclocks")
@@ -344,35 +353,64 @@ class MilvusStore:
                 refused it (the message carries its reason).
             NotFoundError: The collection disappeared (dropped by another process).
         """
+        return self.search_many(info, vectors=[vector], queries=[query], top_k=top_k, filter=filter, mode=mode)[0]
+
+    def search_many(
+        self,
+        info: CollectionInfo,
+        *,
+        vectors: Sequence[Sequence[float]],
+        queries: Sequence[str],
+        top_k: int,
+        filter: str | None,
+        mode: Mode,
+    ) -> list[list[Chunk]]:
+        """:meth:`search` for several queries sharing one collection, filter, ``top_k`` and mode: one
+        Milvus request with ``nq = len(queries)`` (a dense nq=16 search measured ~20 ms against
+        ~9 ms for nq=1 on Milvus Lite, 10k chunks); answers in query order.
+
+        Raises:
+            ValueError: ``vectors`` and ``queries`` differ in length.
+            InvalidRequestError / NotFoundError: as :meth:`search`.
+        """
+        if len(vectors) != len(queries):
+            raise ValueError(f"search_many: {len(vectors)} vectors for {len(queries)} queries")
+        if not queries:
+            return []
         expr = combine_filters(eq("tenant", info.owner), filter)
+        data = [list(v) for v in vectors]
         try:
-            hits = self._dense(info, vector, expr, top_k) if mode == "dense" else self._hybrid(
-                info, vector, query, expr, top_k)
+            results = self._dense(info, data, expr, top_k) if mode == "dense" else self._hybrid(
+                info, data, list(queries), expr, top_k)
         except MilvusException as exc:
             raise self._search_error(info, exc, bool(filter and filter.strip())) from exc
+        if len(results) != len(queries):
+            raise RagtuneError(f"vector search in collection {info.name!r} returned {len(results)} result lists "
+                               f"for {len(queries)} queries")
         # Tombstones rank where the row they hide did; they are never answers.
-        return [_to_chunk(hit) for hit in hits if hit["entity"].get("content_hash")]
+        return [[_to_chunk(hit) for hit in hits if hit["entity"].get("content_hash")] for hits in results]
 
-    def _dense(self, info: CollectionInfo, vector: Sequence[float], expr: str, top_k: int) -> list[Any]:
+    def _dense(self, info: CollectionInfo, data: list[list[float]], expr: str, top_k: int) -> list[list[Any]]:
         result = self._client.search(
-            info.physical, data=[list(vector)], anns_field="dense", filter=expr, limit=top_k,
+            info.physical, data=data, anns_field="dense", filter=expr, limit=top_k,
             output_fields=_OUTPUT_FIELDS, consistency_level=self.config.consistency_level,
             search_params={"metric_type": "COSINE", "params": {"ef": max(self.config.search_ef, top_k)}},
         )
-        return list(result[0])
+        return [list(hits) for hits in result]
 
-    def _hybrid(self, info: CollectionInfo, vector: Sequence[float], query: str, expr: str, top_k: int) -> list[Any]:
+    def _hybrid(self, info: CollectionInfo, data: list[list[float]], queries: list[str], expr: str,
+                top_k: int) -> list[list[Any]]:
         limit = top_k * self._candidates
         legs = [
-            AnnSearchRequest(data=[list(vector)], anns_field="dense", limit=limit, expr=expr,
+            AnnSearchRequest(data=data, anns_field="dense", limit=limit, expr=expr,
                              param={"metric_type": "COSINE", "params": {"ef": max(self.config.search_ef, limit)}}),
-            AnnSearchRequest(data=[query], anns_field="sparse", limit=limit, expr=expr, param={"metric_type": "BM25"}),
+            AnnSearchRequest(data=queries, anns_field="sparse", limit=limit, expr=expr, param={"metric_type": "BM25"}),
         ]
         result = self._client.hybrid_search(
             info.physical, legs, RRFRanker(self._rrf_k), limit=top_k, output_fields=_OUTPUT_FIELDS,
             consistency_level=self.config.consistency_level,
         )
-        return list(result[0])
+        return [list(hits) for hits in result]
 
     def _search_error(self, info: CollectionInfo, exc: MilvusException, client_filter: bool) -> RagtuneError:
         if exc.code == _COLLECTION_NOT_FOUND:
@@ -392,15 +430,31 @@ class _ReloadingClient:
 
     * "not loaded" (code 101): a restarted server (milvus-lite after a crash, a Milvus node after a
       release) has every indexed collection released; load it again and retry once.
-    * "connect failed" (code 2): pymilvus closes a client whose reconnect found the server down
-      (measured: every later call failed after milvus-lite was back); build a new client, retry once.
+    * "connect failed" (code 2): the server is down or restarting (the milvus-lite supervisor
+      restarts it in ~1.5 s). Drop the client, build a fresh one and retry, with backoff (0.25 s
+      doubling to 2 s), until the call's ``timeout`` (else ``milvus.timeout_s``) has passed; then
+      the error is raised. A write retried this way is safe: every write here is an upsert or a
+      delete by id/filter, idempotent by construction.
     """
 
     _READS = frozenset({"search", "hybrid_search", "query", "query_iterator", "delete", "get"})
 
-    def __init__(self, factory: Any):
-        self._factory = factory
+    def __init__(self, factory: Any, timeout_s: float = 30.0):
+        self._factory, self._timeout_s = factory, timeout_s
         self._client = factory()
+
+    def _reconnect(self) -> None:
+        try:
+            fresh = self._factory()
+        except MilvusException as exc:
+            if exc.code != _CONNECT_FAILED:
+                raise
+            return  # still down: keep the old client, the next attempt builds again
+        old, self._client = self._client, fresh
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001 - a broken client may fail to close; it is dropped either way
+            logger.debug("closing the broken milvus client failed", exc_info=True)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
@@ -408,18 +462,25 @@ class _ReloadingClient:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return getattr(self._client, name)(*args, **kwargs)
-            except MilvusException as exc:
-                if exc.code == _CONNECT_FAILED:
-                    logger.warning("milvus connection lost; reconnecting")
-                    self._client = self._factory()
-                elif exc.code == _NOT_LOADED and name in self._READS and args:
-                    logger.warning("collection %s was released (server restarted?); loading it again", args[0])
-                    self._client.load_collection(args[0])
-                else:
-                    raise
-            return getattr(self._client, name)(*args, **kwargs)
+            deadline = time.monotonic() + float(kwargs.get("timeout") or self._timeout_s)
+            backoff, load, loaded = _RECONNECT_BACKOFF_S, False, False
+            while True:
+                try:
+                    if load:
+                        self._client.load_collection(args[0])
+                        load, loaded = False, True
+                    return getattr(self._client, name)(*args, **kwargs)
+                except MilvusException as exc:
+                    if exc.code == _CONNECT_FAILED and time.monotonic() + backoff < deadline:
+                        logger.warning("milvus unavailable (restarting?); reconnecting in %.2fs", backoff)
+                        time.sleep(backoff)
+                        backoff = min(2 * backoff, _RECONNECT_BACKOFF_MAX_S)
+                        self._reconnect()
+                    elif exc.code == _NOT_LOADED and name in self._READS and args and not loaded:
+                        logger.warning("collection %s was released (server restarted?); loading it again", args[0])
+                        load = True
+                    else:
+                        raise
 
         return call
 
