@@ -139,3 +139,102 @@ def test_serve_batch_is_used_inside_a_replica(monkeypatch):
 
     asyncio.run(both())
     assert first.calls == [3] and second.calls == [3], "each instance batches its own queries"
+
+
+class BatchingStore(InMemoryStore):
+    """InMemoryStore with ``search_many``; records each shared search and every filter it saw.
+
+    A query containing "poison" makes any search it takes part in fail (as a query that breaks a
+    Milvus request would), so the retriever must retry the others one by one.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared: list[tuple[str, str | None, int, str, list[str]]] = []
+        self.filters: list[str | None] = []
+
+    def search(self, info, *, vector, query, top_k, filter, mode):
+        if "poison" in query:
+            raise InvalidRequestError("invalid filter: poisoned query", param="filter")
+        chunks = super().search(info, vector=vector, query=query, top_k=top_k, filter=filter, mode=mode)
+        self.filters.append(self.last_filter)
+        return chunks
+
+    def search_many(self, info, *, vectors, queries, top_k, filter, mode):
+        self.shared.append((info.physical, filter, top_k, mode, list(queries)))
+        if any("poison" in q for q in queries):
+            raise InvalidRequestError("invalid filter: poisoned batch", param="filter")
+        return [self.search(info, vector=v, query=q, top_k=top_k, filter=filter, mode=mode)
+                for v, q in zip(vectors, queries, strict=True)]
+
+
+@pytest.fixture
+def grouped():
+    config = RetrievalConfig(search=SearchConfig(batch_wait_timeout_s=0.05), ingest=IngestConfig(show_progress=False))
+    r = Retriever(config, embedder=FakeEmbedder(), store=BatchingStore())
+    for tenant in ("acme", "globex"):
+        asyncio.run(r.upsert_documents("kb", tenant, [{**d, "id": f"{tenant}-{d['id']}"} for d in DOCS]))
+    return r
+
+
+def _gather(retriever, calls):
+    async def go():
+        return await asyncio.gather(*(retriever.retrieve(**c) for c in calls), return_exceptions=True)
+
+    return asyncio.run(go())
+
+
+def test_concurrent_queries_share_one_store_search_and_each_gets_its_own_answer(grouped):
+    questions = ["green tea brewing", "pump valve spring", "error ZX-81 sensor", "tea temperature"]
+    alone = [asyncio.run(grouped.retrieve(q, "kb", "acme", top_k=2)) for q in questions]
+    grouped.store.shared.clear()
+    grouped.embedder.calls.clear()
+    together = _gather(grouped, [{"query": q, "collection": "kb", "tenant": "acme", "top_k": 2} for q in questions])
+    assert together == alone  # same chunks, same order, each to its own caller
+    assert grouped.embedder.calls == [4]
+    assert [(s[2], s[3], s[4]) for s in grouped.store.shared] == [(2, "dense", questions)]
+
+
+def test_a_batch_splits_by_collection_scope_filter_top_k_and_mode(grouped):
+    lang = 'metadata["lang"] == "en"'
+    calls = [
+        {"query": "tea", "collection": "kb", "tenant": "acme"},
+        {"query": "valve", "collection": "kb", "tenant": "acme"},
+        {"query": "tea", "collection": "kb", "tenant": "globex"},  # another tenant's collection
+        {"query": "tea", "collection": "kb", "tenant": "acme", "filter": lang},
+        {"query": "tea", "collection": "kb", "tenant": "acme", "top_k": 3},
+        {"query": "tea", "collection": "kb", "tenant": "acme", "mode": "hybrid"},
+        {"query": "pump", "collection": "kb", "tenant": "globex"},
+    ]
+    grouped.store.shared.clear()
+    grouped.store.filters.clear()
+    results = _gather(grouped, calls)
+    assert all(isinstance(r, list) and r for r in results), results
+    # One shared search per distinct (collection, filter, top_k, mode); singletons search alone.
+    shared = sorted((s[0], s[4]) for s in grouped.store.shared)
+    assert shared == [("mem_acme_kb", ["tea", "valve"]), ("mem_globex_kb", ["tea", "pump"])]
+    assert {c.document for c in results[2] + results[6]} <= {f"globex-{d['id']}" for d in DOCS}
+    assert all(c.document.startswith("acme-") for i in (0, 1, 3, 4, 5) for c in results[i])
+    # Every search carried its own tenant scope and client filter.
+    assert sorted(set(grouped.store.filters)) == sorted({
+        'tenant == "acme"', 'tenant == "globex"', f'({lang}) and (tenant == "acme")'})
+    assert len(results[4]) == 3
+
+
+def test_a_query_that_breaks_the_shared_search_fails_alone(grouped):
+    calls = [{"query": q, "collection": "kb", "tenant": "acme"} for q in ("tea", "poison pill", "valve")]
+    results = _gather(grouped, calls)
+    assert isinstance(results[1], InvalidRequestError) and "poisoned query" in str(results[1])
+    assert results[0][0].document == "acme-tea" and results[2][0].document == "acme-pumps"
+    assert len(grouped.store.shared) == 1  # the shared try, then one search per query
+
+
+def test_an_embedder_failure_fails_the_batch(grouped, monkeypatch):
+    def broken(texts):
+        raise RuntimeError("model gone")
+
+    monkeypatch.setattr(grouped.embedder, "encode", broken)
+    results = _gather(grouped, [{"query": q, "collection": "kb", "tenant": "acme"} for q in ("tea", "valve")])
+    assert all(isinstance(r, RuntimeError) for r in results)
+    with pytest.raises(NotFoundError):  # scope is checked before the batch, as before
+        asyncio.run(grouped.retrieve("tea", "kb", "intruder"))
