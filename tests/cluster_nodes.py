@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,9 +66,20 @@ class TwoNodes:
         return killed_at
 
     def add_worker(self):
-        """A replacement worker node, as an autoscaler or KubeRay would start one."""
-        self.worker = self.cluster.add_node(num_cpus=self.worker_cpus, labels=dict(self.worker_labels),
-                                            **_NODE_ARGS)
+        """A (replacement) worker node, as an autoscaler or KubeRay would start one.
+
+        Ray's ``Node`` installs SIGTERM/atexit hooks, which Python allows on the main thread only;
+        a replacement added from a watcher thread (the main thread waits in ``trainer.fit()``)
+        goes without them: ``cluster.shutdown()`` on exit stops it, and the head's reaper (same
+        process group) does if this process dies.
+        """
+        hooks = self.cluster._shutdown_at_exit
+        self.cluster._shutdown_at_exit = hooks and threading.current_thread() is threading.main_thread()
+        try:
+            self.worker = self.cluster.add_node(num_cpus=self.worker_cpus, labels=dict(self.worker_labels),
+                                                **_NODE_ARGS)
+        finally:
+            self.cluster._shutdown_at_exit = hooks
         return self.worker
 
     def alive_nodes(self) -> list[str]:
@@ -77,7 +89,7 @@ class TwoNodes:
 
 
 @contextmanager
-def two_node_cluster(head_cpus: float = 1, worker_cpus: float = 1,
+def two_node_cluster(head_cpus: float = 1, worker_cpus: float = 1, head_labels: dict[str, str] | None = None,
                      worker_labels: dict[str, str] | None = None) -> Iterator[TwoNodes]:
     """A head and a worker raylet on 127.0.0.1, this process connected as the driver.
 
@@ -96,7 +108,7 @@ def two_node_cluster(head_cpus: float = 1, worker_cpus: float = 1,
     url = f"http://{LOOPBACK}:{port}"
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
         "num_cpus": head_cpus, "include_dashboard": True, "dashboard_host": LOOPBACK, "dashboard_port": port,
-        **_NODE_ARGS})
+        "labels": dict(head_labels or {}), **_NODE_ARGS})
     nodes = TwoNodes(cluster, cluster.head_node, None, url, worker_cpus, dict(worker_labels or {}))
     try:
         nodes.add_worker()
