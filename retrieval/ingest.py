@@ -15,10 +15,11 @@ so a config change re-embeds) is stored on every chunk. On ingest:
   in the summary and the rest continue.
 
 Embedding is batched across documents (``ingest.batch_chunks``) so ingest runs close to the raw
-encode rate of the model, and the store write of one group runs on a writer thread while the next
-group encodes (the model's forward pass releases the GIL; Milvus calls wait on the network). One
-writer thread keeps the groups' writes in input order, each still one locked switch per group; at
-most one group waits behind the write in flight, so memory stays two groups' vectors.
+encode rate of the model, and the store writes run on a writer thread while the next groups encode
+(the model's forward pass releases the GIL; Milvus calls wait on the network). One writer thread
+keeps the writes in input order, each one locked switch of its documents; groups encoded while a
+write is in flight are written together (up to 4 groups), so fewer, larger writes keep up with a
+store that slows down as the collection grows.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,7 @@ __all__ = ["IngestSummary", "Ingestor", "content_hash", "validate_document"]
 logger = logging.getLogger(__name__)
 
 _GENERATION_CHARS = 12  # hex digits of the content hash in chunk ids: 48 bits tell versions apart
+_MERGE_GROUPS = 4  # encoded groups one store write may carry while the writer catches up
 
 
 @dataclass
@@ -295,28 +297,39 @@ class Ingestor:
         summary.deleted = len(stale)
 
     def _write(self, info: CollectionInfo, pending: list[_Pending], summary: IngestSummary, show: bool) -> None:
-        """Encode group after group on this thread; a single writer thread stores them in order.
+        """Encode group after group on this thread; one writer thread stores them, in input order.
 
-        A group that fails (encode or write) fails only its documents; the rest continue.
+        While a write is in flight the next groups keep encoding and are then written together
+        (at most ``_MERGE_GROUPS`` groups in one write): a store that slows down as the
+        collection grows gets fewer, larger writes instead of holding up the encoder. A group whose
+        encode fails fails only its documents; a failed write fails the documents written with it.
         """
         total = sum(len(p.chunks) for p in pending)
-        in_flight: deque[tuple[list[_Pending], Future[int]]] = deque()
+        in_flight: tuple[list[_Pending], Future[None]] | None = None
+        ready: list[_Pending] = []
+        records: list[ChunkRecord] = []
+        merged = 0  # groups in ``ready``
         with tqdm(total=total, unit="chunk", desc=f"ingest {info.name}", disable=not show or not total) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer") as writer:
             for group in _groups(pending, self.config.batch_chunks):
                 try:
-                    records = self._records(group)
+                    records += self._records(group)
                 except Exception as exc:  # one bad batch must not stop the rest
                     self._group_failed(info, group, summary, exc, bar)
                     continue
-                in_flight.append((group, writer.submit(self.store.replace_documents, info, records)))
-                # The next group encodes while this one is written; wait for older writes first.
-                while len(in_flight) > 1:
-                    self._collect(info, *in_flight.popleft(), summary, bar)
-            while in_flight:
-                self._collect(info, *in_flight.popleft(), summary, bar)
+                ready, merged = ready + group, merged + 1
+                if in_flight is not None and not in_flight[1].done() and merged < _MERGE_GROUPS:
+                    continue  # the writer is busy: encode on, these go with the next write
+                if in_flight is not None:
+                    self._collect(info, *in_flight, summary, bar)
+                in_flight = (ready, writer.submit(self.store.replace_documents, info, records))
+                ready, records, merged = [], [], 0
+            if in_flight is not None:
+                self._collect(info, *in_flight, summary, bar)
+            if ready:
+                self._collect(info, ready, writer.submit(self.store.replace_documents, info, records), summary, bar)
 
-    def _collect(self, info: CollectionInfo, group: list[_Pending], write: Future[int], summary: IngestSummary,
+    def _collect(self, info: CollectionInfo, group: list[_Pending], write: Future[None], summary: IngestSummary,
                  bar: tqdm) -> None:
         try:
             write.result()

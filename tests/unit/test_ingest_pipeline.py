@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from retrieval.chunking import Chunker
 from retrieval.config import ChunkingConfig, IngestConfig
@@ -57,23 +58,42 @@ def test_next_group_encodes_while_the_previous_is_written():
     assert all(name.startswith("ingest-writer") for name in store.threads), store.threads
 
 
-def test_writes_keep_input_order_and_one_write_per_group():
+def test_writes_keep_input_order():
     store = InMemoryStore()
-    make(store, FakeEmbedder()).ingest("kb", "t1", docs(5))
-    written = [ids[0].split("#")[0] for op, ids in store.ops if op == "replace"]
-    assert written == [f"d{i}" for i in range(5)]
+    make(store, FakeEmbedder()).ingest("kb", "t1", docs(6))
+    order = [i.split("#")[0] for op, ids in store.ops if op == "replace" for i in ids]
+    assert list(dict.fromkeys(order)) == [f"d{i}" for i in range(6)]
 
 
-def test_a_failing_write_fails_only_its_group():
-    class Flaky(InMemoryStore):
-        def replace_documents(self, info, records):
-            if any(r.doc_id == "d2" for r in records):
-                raise RuntimeError("store refused")
-            super().replace_documents(info, records)
+class SlowStore(InMemoryStore):
+    """Each write takes long enough for several groups to encode meanwhile."""
 
-    store = Flaky()
-    summary = make(store, FakeEmbedder()).ingest("kb", "t1", docs(4))
-    assert (summary.added, summary.failed) == (3, 1)
-    assert summary.errors[0].doc_id == "d2" and "store refused" in summary.errors[0].reason
-    assert {r.doc_id for r in store.rows["mem_t1_kb"].values()} == {"d0", "d1", "d3"}
-    assert summary.chunks == len(store.rows["mem_t1_kb"])
+    def __init__(self, delay_s: float, fail_doc: str | None = None):
+        super().__init__()
+        self.delay_s, self.fail_doc, self.writes = delay_s, fail_doc, []
+
+    def replace_documents(self, info, records):
+        self.writes.append(list(dict.fromkeys(r.doc_id for r in records)))
+        time.sleep(self.delay_s)
+        if any(r.doc_id == self.fail_doc for r in records):
+            raise RuntimeError("store refused")
+        super().replace_documents(info, records)
+
+
+def test_groups_encoded_during_a_slow_write_are_written_together():
+    store = SlowStore(0.2)
+    summary = make(store, FakeEmbedder()).ingest("kb", "t1", docs(12))
+    assert summary.added == 12 and summary.chunks == len(store.rows["mem_t1_kb"])
+    assert len(store.writes) < 12, "groups encoded while the writer was busy share a write"
+    assert max(map(len, store.writes)) <= 4, "at most four groups in one write"
+    assert [d for w in store.writes for d in w] == [f"d{i}" for i in range(12)], "input order"
+
+
+def test_a_failing_write_fails_the_documents_written_with_it():
+    store = SlowStore(0.05, fail_doc="d2")
+    summary = make(store, FakeEmbedder()).ingest("kb", "t1", docs(8))
+    failed_write = next(w for w in store.writes if "d2" in w)
+    assert {e.doc_id for e in summary.errors} == set(failed_write) and summary.failed == len(failed_write)
+    assert all("store refused" in e.reason for e in summary.errors)
+    assert {r.doc_id for r in store.rows["mem_t1_kb"].values()} == {f"d{i}" for i in range(8)} - set(failed_write)
+    assert summary.added == 8 - len(failed_write) and summary.chunks == len(store.rows["mem_t1_kb"])
