@@ -178,14 +178,15 @@ def bench_ingest_scale(workdir: Path, *, chunks: int = 100_000, chunk_chars: int
         retriever.close()
     result = {"part": f"{index}/{parts}", "chunks": summary.chunks, "docs": summary.added + summary.updated,
               "failed": summary.failed, "seconds": summary.seconds, "raw_texts": len(probe),
-              "raw_seconds": raw_seconds, **{f"{k}_s": v for k, v in timers.items()}}
+              "raw_seconds": raw_seconds, "encode_s": timers["encode"], "write_s": timers["write"],
+              "write_calls": timers.get("write_calls", 0), "groups": timers.get("encode_calls", 0)}
     rows = _scale_rows("ingest_scale", result)
     if parts > 1:
         log = workdir / "scale-parts.jsonl"
         with log.open("a", encoding="utf-8") as out:
             out.write(json.dumps(result) + "\n")
         done = {r["part"]: r for r in map(json.loads, log.read_text(encoding="utf-8").splitlines())}
-        total = {k: sum(r[k] for r in done.values()) for k in result if k != "part"}
+        total = {k: sum(r.get(k, 0) for r in done.values()) for k in result if k != "part"}
         rows += _scale_rows("ingest_scale_cumulative", {"part": f"{len(done)}/{parts}", **total})
     return rows
 
@@ -199,7 +200,7 @@ def _scale_rows(bench: str, r: dict[str, Any]) -> list[Row]:
         _row(bench, "ingest_vs_raw", ingest_rate / raw_rate, "ratio", goal=">= 0.9", part=r["part"]),
         _row(bench, "time_split", r["seconds"], "s", encode_s=round(r["encode_s"], 1),
              write_s_overlapped=round(r["write_s"], 1), rest_s=round(r["seconds"] - r["encode_s"], 1),
-             part=r["part"]),
+             groups=r.get("groups"), writes=r.get("write_calls"), part=r["part"]),
     ]
 
 
@@ -220,6 +221,7 @@ class _Timed:
                 return value(*args, **kwargs)
             finally:
                 self._timers[self._key] += time.perf_counter() - started
+                self._timers[f"{self._key}_calls"] = self._timers.get(f"{self._key}_calls", 0) + 1
 
         return timed
 

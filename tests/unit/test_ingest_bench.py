@@ -1,0 +1,30 @@
+"""retrieval.bench's ingest-at-scale arithmetic: rates, ratio, time split, call counting."""
+
+from __future__ import annotations
+
+from retrieval.bench import _raw_encode, _scale_rows, _Timed
+from retrieval.testing import FakeEmbedder
+
+
+def test_scale_rows_ratio_and_time_split():
+    result = {"part": "2/4", "chunks": 1000, "docs": 250, "failed": 0, "seconds": 12.5, "raw_texts": 400,
+              "raw_seconds": 4.0, "encode_s": 11.0, "write_s": 3.0, "write_calls": 3, "groups": 4}
+    rows = {r["metric"]: r for r in _scale_rows("ingest_scale", result)}
+    assert rows["raw_encode_rate"]["value"] == 100.0 and rows["ingest_rate"]["value"] == 80.0
+    assert rows["ingest_vs_raw"]["value"] == 0.8
+    split = rows["time_split"]
+    assert (split["encode_s"], split["write_s_overlapped"], split["rest_s"]) == (11.0, 3.0, 1.5)
+    assert (split["groups"], split["writes"], split["part"]) == (4, 3, "2/4")
+
+
+def test_timed_counts_only_the_named_method():
+    timers = {"encode": 0.0}
+    embedder = _Timed(FakeEmbedder(dim=8), "encode", timers)
+    assert len(embedder.encode(["a", "b"])) == 2 and embedder.dim == 8
+    embedder.encode(["c"])
+    assert timers["encode_calls"] == 2 and timers["encode"] > 0
+
+
+def test_raw_encode_falls_back_to_encode_without_a_model():
+    embedder = FakeEmbedder()
+    assert _raw_encode(embedder)(["x"]) == embedder.encode(["x"])
