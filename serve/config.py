@@ -167,6 +167,12 @@ class DeploymentConfig(StrictModel):
     max_queued_requests: int = Field(256, ge=-1, description="Queue bound per caller; beyond it requests get 503 + Retry-After. -1: unbounded. The HTTP-facing deployment (Ingress, or LLMServer when fused) always runs unbounded: limits.max_concurrent_requests bounds it with an OpenAI-shaped 429.")
     num_cpus: float = Field(0, ge=0, description="CPUs reserved in Ray (0 on a 2-core box: vLLM's engine process does the work).")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (= tensor_parallel_size for the LLM deployment on GPUs).")
+    health_check_period_s: float | None = Field(
+        None, gt=0, description="Seconds between Serve's health checks of a replica (None: Serve's default, 10). The "
+        "LLM deployment checks every 2 s: a dead vLLM engine ends its replica at the next check, and Serve replaces "
+        "a crashed replica at once.")
+    health_check_timeout_s: float | None = Field(
+        None, gt=0, description="Seconds a health check may take before it counts as failed (None: Serve's default, 30).")
     node_labels: dict[str, str] = Field(
         default_factory=dict, description="Ray node labels the replicas prefer (e.g. {ragtune-pool: llm}); while no "
         "live node carries them, replicas go to any node with room (Ray's label_selector + fallback_strategy).")
@@ -184,6 +190,9 @@ class DeploymentConfig(StrictModel):
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
+        for option in ("health_check_period_s", "health_check_timeout_s"):
+            if getattr(self, option) is not None:
+                opts[option] = getattr(self, option)
         if self.node_labels:  # preferred, not required: losing the labelled nodes must not strand the replicas
             opts["ray_actor_options"] |= {"label_selector": dict(self.node_labels),
                                           "fallback_strategy": [{"label_selector": {}}]}
@@ -251,6 +260,8 @@ class AdapterStoreConfig(StrictModel):
 # Slots beyond limits.max_concurrent_requests for health, metrics and admin requests.
 _CONTROL_HEADROOM = 32
 _INGRESS = {"max_ongoing_requests": 512, "max_queued_requests": 1024}
+# A dead engine is found at the next health check (check_health in serve/llm.py ends the replica).
+_LLM = {"health_check_period_s": 2.0}
 # >= retrieval.search.batch_max_size (32), or Serve caps the embedding batches below it.
 _RETRIEVER = {"max_ongoing_requests": 128, "max_queued_requests": 512}
 
@@ -260,7 +271,8 @@ class ServeConfig(StrictModel):
 
     http: HttpConfig = Field(default_factory=HttpConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    llm: DeploymentConfig = Field(default_factory=DeploymentConfig, description="LLM deployment (vLLM engine) options.")
+    llm: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(**_LLM),
+                                  description="LLM deployment (vLLM engine) options.")
     ingress: DeploymentConfig = Field(
         default_factory=lambda: DeploymentConfig(**_INGRESS),
         description="Ingress (OpenAI API) deployment options.",
@@ -298,7 +310,7 @@ class ServeConfig(StrictModel):
         # A partial section (e.g. `retriever: {num_cpus: 1}`) keeps that deployment's own
         # defaults instead of falling back to the generic DeploymentConfig ones.
         if isinstance(data, dict):
-            for name, field in (("ingress", _INGRESS), ("retriever", _RETRIEVER)):
+            for name, field in (("llm", _LLM), ("ingress", _INGRESS), ("retriever", _RETRIEVER)):
                 if isinstance(data.get(name), dict):
                     data = {**data, name: {**field, **data[name]}}
         return data

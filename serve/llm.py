@@ -16,6 +16,7 @@ import asyncio
 import bisect
 import itertools
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -273,9 +274,24 @@ class LLMServer:
 
     # ---- health and metrics ---------------------------------------------------------------
     async def check_health(self) -> None:
-        """Ray Serve calls this periodically; a dead engine makes the replica restart."""
-        if self._engine is not None:
+        """Ray Serve calls this every ``health_check_period_s``; a dead engine ends the replica.
+
+        A replica that only *fails* the check is replaced after 3 failures in a row (Ray Serve's
+        fixed ``REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD``), ~20-30 s at the default 10 s period,
+        and a dead vLLM engine never comes back in-process. So on vLLM's ``EngineDeadError`` the
+        replica's process exits: Serve sees the actor crashed at this very check and starts a
+        replacement at once (measured in tests/faults/test_serving_faults.py).
+        """
+        if self._engine is None:
+            return
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
             await self._engine.check_health()
+        except EngineDeadError:
+            logger.error("vLLM engine core is dead; exiting the replica so Serve replaces it now")
+            logging.shutdown()
+            os._exit(1)
 
     def engine_metrics(self) -> bytes:
         """vLLM's own ``vllm:*`` series of this replica's engine (Prometheus text)."""

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import statistics
 import threading
 import time
+from datetime import datetime
+from pathlib import Path
 
 import httpx
 import psutil
@@ -84,7 +87,45 @@ def _engine_cores(root_pid: int) -> list[psutil.Process]:
             if "EngineCore" in " ".join(p.cmdline() or [p.name()])]
 
 
+_EVENTS = re.compile(r"EngineDead|engine core is dead|health check|unhealthy|crashed|Adding \d+ replica|Starting|"
+                     r"Replica .* started|Loading weights took|Model loading took|init engine|KV cache|"
+                     r"torch.compile|Graph capturing|Removing \d+ replica|Stopping|Deployed app|exiting", re.I)
+_STAMP = re.compile(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3})|(\d{2}-\d{2} \d{2}:\d{2}:\d{2})")
+
+
+def _session_dir(root_pid: int) -> Path | None:
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        try:
+            found = re.search(r"(/\S*/session_\d{4}-[^/\s]+)", " ".join(proc.cmdline()))
+        except psutil.Error:
+            continue
+        if found:
+            return Path(found.group(1))
+    return None
+
+
+def _timeline(stack, session: Path | None, killed_wall: float) -> str:
+    """Recovery events after the kill, seconds after it, from the server log and the Serve controller log."""
+    lines = stack.log_path.read_text(errors="replace").splitlines()
+    for log in sorted((session / "logs" / "serve").glob("controller_*.log")) if session else []:
+        lines += log.read_text(errors="replace").splitlines()
+    year = datetime.fromtimestamp(killed_wall).year
+    events = []
+    for line in lines:
+        stamp = _STAMP.search(line)
+        if not stamp or not _EVENTS.search(line):
+            continue
+        if stamp.group(1):
+            at = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        else:  # vLLM's "MM-DD HH:MM:SS"
+            at = datetime.strptime(f"{year}-{stamp.group(2)}", "%Y-%m-%d %H:%M:%S").timestamp()
+        if at >= killed_wall - 1:
+            events.append((at - killed_wall, line.strip()[:220]))
+    return "\n".join(f"  +{dt:6.1f}s {text}" for dt, text in sorted(events)[:60])
+
+
 def test_engine_core_killed_under_load(stack):
+    session = _session_dir(stack.proc.pid)
     cores = _engine_cores(stack.proc.pid)
     assert cores, "no vLLM engine-core process found under the stack"
     outcomes: list[tuple[float, float, int]] = []  # (start, end, status)
@@ -106,7 +147,7 @@ def test_engine_core_killed_under_load(stack):
     for w in workers:
         w.start()
     time.sleep(3)
-    killed_at = time.monotonic()
+    killed_at, killed_wall = time.monotonic(), time.time()
     for core in cores:
         os.kill(core.pid, signal.SIGKILL)
     deadline = killed_at + 240
@@ -119,6 +160,7 @@ def test_engine_core_killed_under_load(stack):
     first_ok = min((end for begin, end, st in outcomes if begin > killed_at and st == 200), default=None)
     in_flight_lost = [st for begin, end, st in outcomes if begin <= killed_at < end and st != 200]
     refused = [st for begin, _, st in outcomes if begin > killed_at and st != 200]
+    print(f"\nrecovery timeline (session {session}):\n{_timeline(stack, session, killed_wall)}")
     assert first_ok is not None, f"no answer within 240 s of the kill; statuses: {refused[:10]}"
     print(f"\nengine-core kill: first answer {first_ok - killed_at:.1f}s after the kill; in flight at the kill and "
           f"lost: {len(in_flight_lost)}; refused while recovering: {len(refused)} ({sorted(set(refused))})")
