@@ -170,7 +170,7 @@ def bench_ingest_scale(workdir: Path, *, chunks: int = 100_000, chunk_chars: int
         ingestor.ingest("bench-scale", "bench", [Document("warm-up", "warm up")], progress=False)
         raw_seconds = _timed(raw, probe[0::2])
         ingestor.embedder = _Timed(embedder, "encode", timers)  # type: ignore[assignment]
-        ingestor.store = _Timed(ingestor.store, "replace_documents", timers, "write")  # type: ignore[assignment]
+        ingestor.store = _Timed(ingestor.store, ("replace_documents", "flush"), timers, "write")  # type: ignore[assignment]
         summary = ingestor.ingest("bench-scale", "bench", documents, progress=progress)
         ingestor.embedder, ingestor.store = embedder, ingestor.store._inner  # type: ignore[attr-defined]
         raw_seconds += _timed(raw, probe[1::2])
@@ -179,7 +179,7 @@ def bench_ingest_scale(workdir: Path, *, chunks: int = 100_000, chunk_chars: int
     result = {"part": f"{index}/{parts}", "chunks": summary.chunks, "docs": summary.added + summary.updated,
               "failed": summary.failed, "seconds": summary.seconds, "raw_texts": len(probe),
               "raw_seconds": raw_seconds, "encode_s": timers["encode"], "write_s": timers["write"],
-              "write_calls": timers.get("write_calls", 0), "groups": timers.get("encode_calls", 0)}
+              "write_calls": timers.get("replace_documents_calls", 0), "groups": timers.get("encode_calls", 0)}
     rows = _scale_rows("ingest_scale", result)
     if parts > 1:
         log = workdir / "scale-parts.jsonl"
@@ -205,14 +205,15 @@ def _scale_rows(bench: str, r: dict[str, Any]) -> list[Row]:
 
 
 class _Timed:
-    """Forwards to ``inner``; adds the wall time of calls to method ``name`` to ``timers[key]``."""
+    """Forwards to ``inner``; adds the wall time of calls to the named methods to ``timers[key]``."""
 
-    def __init__(self, inner: Any, name: str, timers: dict[str, float], key: str | None = None):
-        self._inner, self._name, self._timers, self._key = inner, name, timers, key or name
+    def __init__(self, inner: Any, names: str | tuple[str, ...], timers: dict[str, float], key: str | None = None):
+        self._names = (names,) if isinstance(names, str) else names
+        self._inner, self._timers, self._key = inner, timers, key or self._names[0]
 
     def __getattr__(self, attr: str) -> Any:
         value = getattr(self._inner, attr)
-        if attr != self._name:
+        if attr not in self._names:
             return value
 
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -221,7 +222,7 @@ class _Timed:
                 return value(*args, **kwargs)
             finally:
                 self._timers[self._key] += time.perf_counter() - started
-                self._timers[f"{self._key}_calls"] = self._timers.get(f"{self._key}_calls", 0) + 1
+                self._timers[f"{attr}_calls"] = self._timers.get(f"{attr}_calls", 0) + 1
 
         return timed
 

@@ -19,7 +19,8 @@ encode rate of the model, and the store writes run on a writer thread while the 
 (the model's forward pass releases the GIL; Milvus calls wait on the network). One writer thread
 keeps the writes in input order, each one locked switch of its documents; groups encoded while a
 write is in flight are written together (up to 4 groups), so fewer, larger writes keep up with a
-store that slows down as the collection grows.
+store that slows down as the collection grows; the writer flushes every 8192 rows, as Milvus Lite
+reads unsealed rows slowly.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ logger = logging.getLogger(__name__)
 
 _GENERATION_CHARS = 12  # hex digits of the content hash in chunk ids: 48 bits tell versions apart
 _MERGE_GROUPS = 4  # encoded groups one store write may carry while the writer catches up
+# Rows written before the writer flushes (seals) them. Milvus Lite filters unsealed rows ~30 us a row
+# (measured: any filtered query on 5k unsealed rows 160-260 ms, 6-15 ms once flushed), and every
+# locked switch reads the documents' live rows: without sealing, write cost grows with the collection.
+_FLUSH_ROWS = 8192
 
 
 @dataclass
@@ -309,6 +314,7 @@ class Ingestor:
         ready: list[_Pending] = []
         records: list[ChunkRecord] = []
         merged = 0  # groups in ``ready``
+        unflushed = [0]  # rows written since the last flush (writer thread only)
         with tqdm(total=total, unit="chunk", desc=f"ingest {info.name}", disable=not show or not total) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer") as writer:
             for group in _groups(pending, self.config.batch_chunks):
@@ -322,12 +328,23 @@ class Ingestor:
                     continue  # the writer is busy: encode on, these go with the next write
                 if in_flight is not None:
                     self._collect(info, *in_flight, summary, bar)
-                in_flight = (ready, writer.submit(self.store.replace_documents, info, records))
+                in_flight = (ready, writer.submit(self._store, info, records, unflushed))
                 ready, records, merged = [], [], 0
             if in_flight is not None:
                 self._collect(info, *in_flight, summary, bar)
             if ready:
-                self._collect(info, ready, writer.submit(self.store.replace_documents, info, records), summary, bar)
+                self._collect(info, ready, writer.submit(self._store, info, records, unflushed), summary, bar)
+
+    def _store(self, info: CollectionInfo, records: list[ChunkRecord], unflushed: list[int]) -> None:
+        """One locked switch of the records' documents; every ``_FLUSH_ROWS`` rows, a flush (on this thread)."""
+        self.store.replace_documents(info, records)
+        unflushed[0] += len(records)
+        if unflushed[0] >= _FLUSH_ROWS:
+            unflushed[0] = 0
+            try:
+                self.store.flush(info)
+            except Exception as exc:  # sealing is an optimisation: the rows are written
+                logger.warning("ingest %s: intermediate flush failed (%s)", info.name, type(exc).__name__)
 
     def _collect(self, info: CollectionInfo, group: list[_Pending], write: Future[None], summary: IngestSummary,
                  bar: tqdm) -> None:

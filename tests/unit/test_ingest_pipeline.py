@@ -97,3 +97,33 @@ def test_a_failing_write_fails_the_documents_written_with_it():
     assert all("store refused" in e.reason for e in summary.errors)
     assert {r.doc_id for r in store.rows["mem_t1_kb"].values()} == {f"d{i}" for i in range(8)} - set(failed_write)
     assert summary.added == 8 - len(failed_write) and summary.chunks == len(store.rows["mem_t1_kb"])
+
+
+def test_the_writer_flushes_every_flush_rows(monkeypatch):
+    import retrieval.ingest
+
+    monkeypatch.setattr(retrieval.ingest, "_FLUSH_ROWS", 5)
+    store = InMemoryStore()
+    summary = make(store, FakeEmbedder()).ingest("kb", "t1", docs(6))
+    ops = [op for op, _ in store.ops]
+    assert ops.count("flush") >= 2 and ops[-1] == "flush", ops
+    assert ops.index("flush") < len(ops) - 1, "an intermediate flush during the ingest, not only the final one"
+    assert summary.added == 6
+
+
+def test_a_failed_intermediate_flush_fails_nothing(monkeypatch):
+    import retrieval.ingest
+
+    class NoFlush(InMemoryStore):
+        calls = 0
+
+        def flush(self, info):
+            NoFlush.calls += 1
+            if NoFlush.calls == 1:
+                raise RuntimeError("flush refused")
+            super().flush(info)
+
+    monkeypatch.setattr(retrieval.ingest, "_FLUSH_ROWS", 5)
+    store = NoFlush()
+    summary = make(store, FakeEmbedder()).ingest("kb", "t1", docs(4))
+    assert (summary.added, summary.failed) == (4, 0) and NoFlush.calls >= 2
