@@ -336,8 +336,9 @@ def retrieve_section(ctx: BenchContext) -> list[Row]:
 
     In-process on a fresh Milvus Lite collection of short synthetic chunks (one chunk each, ~280
     characters, embedded in the ingest's big batches) per size in :func:`retrieve_sizes`. The
-    Retriever batches concurrent query embeddings into one model call and runs the embedder and
-    the Milvus calls in worker threads (off the event loop). Goal: p99 <= 100 ms at 10k, 16 clients.
+    Retriever batches concurrent queries into one embedder call and one multi-vector Milvus search
+    per (collection, scope, filter, top_k, mode) group, in worker threads (off the event loop).
+    Goal: p99 <= 100 ms at 10k, 16 clients.
     """
     import asyncio
 
