@@ -51,7 +51,8 @@ test-unit: setup
 test: setup lint
 	$(VENV)/bin/pytest -m "not gpu and not faults" --durations=15; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
-# Fault injection on real parts (overload, engine-core kill, milvus-lite kill mid-ingest, schemathesis);
+# Fault injection on real parts (overload, engine-core / Retriever / Train worker kills, milvus-lite kill
+# mid-ingest, two-node Ray with a node killed under serving and under training, schemathesis);
 # README "Reliability" has the figures. Minutes, not part of `make test` (the schemathesis run is).
 faults: setup
 	$(VENV)/bin/pytest -m "faults or not faults" -s tests/faults --durations=10
