@@ -52,11 +52,12 @@ def test_bench_serving_sections_and_extras(servers, tmp_path):
     # Physics gives bounds (the peer streams ≥ 12 ms per token, RAG adds ≥ 200 ms). Per-token
     # orderings use a wide injected gap (0 vs 12 ms per token) so a loaded host cannot flip them.
     # Throughput is not ordered: a step here lasts ~10 ms, and one stall of the host (a CI run saw
-    # 1.2 s) flips it; the peer's rate is bounded by its delay instead: c streams ÷ 12 ms per token.
+    # 1.2 s) flips it; the peer's rate is bounded by its delay instead: c streams of 16 tokens, the
+    # first at once and 15 gaps of 12 ms (5 % slack for the event loop's clock resolution).
     for c in (1, 4, 16):
         assert rows["a_stack_vs_raw", f"TPOT p50 @c={c}"].peer >= 11.5
         tput = rows["a_stack_vs_raw", f"output tok/s @c={c}"]
-        assert 0 < tput.peer <= c / 0.012 * 1.02 and tput.ours > 0
+        assert 0 < tput.peer <= c * 16 / (15 * 0.012) * 1.05 and tput.ours > 0
         assert tput.ratio == pytest.approx(tput.ours / tput.peer) and tput.better == "higher"
     tpot = rows["a_stack_vs_raw", "TPOT p50 @c=4"]
     assert tpot.ratio < 1 and tpot.better == "lower" and tpot.peer_label == "raw vLLM"
