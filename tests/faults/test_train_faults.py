@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.training import tiny_config
+from tests.integration.training import tiny_config, wait_for
 from train.launch import launch
 
 pytestmark = pytest.mark.faults
 
 MAX_STEPS = 16
 CHECKPOINT_EVERY = 4
-TIMEOUT_S = 600
 LOSS_TOLERANCE = 0.05  # same 2 workers and data order after the restore; gloo's reduction order may differ
 
 
@@ -65,16 +64,6 @@ def _workers() -> list[tuple[int, str]]:
     return sorted((a.pid, a.actor_id) for a in actors if a.pid)
 
 
-def _wait(predicate, what: str, timeout_s: float = TIMEOUT_S, every_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise TimeoutError(f"{what} within {timeout_s:.0f}s")
-
-
 class WorkerKill(threading.Thread):
     """Watches the run; after its first checkpoint SIGKILLs one training worker process."""
 
@@ -87,15 +76,15 @@ class WorkerKill(threading.Thread):
 
     def run(self) -> None:
         try:
-            workers = _wait(lambda: (w := _workers()) and len(w) == 2 and w, "2 training workers running", every_s=1)
-            _wait(lambda: _snapshot(self.run_dir), "a first checkpoint")
+            workers = wait_for(lambda: (w := _workers()) and len(w) == 2 and w, "2 training workers running", every_s=1)
+            wait_for(lambda: _snapshot(self.run_dir), "a first checkpoint")
             time.sleep(1.0)  # a step or two past the checkpoint: work the fault throws away
             self.checkpoint_at_kill = max(_snapshot(self.run_dir))
             self.victim = workers[-1]
             os.kill(self.victim[0], signal.SIGKILL)
             self.killed_at = time.monotonic()
             old = {actor for _, actor in workers}
-            _wait(lambda: (w := _workers()) and len(w) == 2 and not old & {a for _, a in w}, "a new worker group",
+            wait_for(lambda: (w := _workers()) and len(w) == 2 and not old & {a for _, a in w}, "a new worker group",
                   every_s=0.5)
             self.regrouped_at = time.monotonic()
         except Exception as exc:  # surfaced by the test, not lost in the thread

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster_nodes import two_node_cluster  # first: it sets Ray's loopback switch before `import ray`
-from tests.integration.training import tiny_config
+from tests.integration.training import tiny_config, wait_for
 from train.launch import launch
 
 pytestmark = pytest.mark.faults
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.faults
 MAX_STEPS = 16
 CHECKPOINT_EVERY = 4
 REPLACEMENT_AFTER_S = 5.0  # the replacement node is asked for this long after the loss
-TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +65,6 @@ def _worker_nodes(nodes) -> list[str]:
     return sorted(a.node_id for a in actors)
 
 
-def _wait(predicate, what: str, timeout_s: float = TIMEOUT_S, every_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise TimeoutError(f"{what} within {timeout_s:.0f}s")
-
-
 class NodeLoss(threading.Thread):
     """Watches the run; after its first checkpoint kills the worker node, then adds a replacement."""
 
@@ -88,9 +77,9 @@ class NodeLoss(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.placement = _wait(lambda: (ids := _worker_nodes(self.nodes)) and len(ids) == 2 and ids,
+            self.placement = wait_for(lambda: (ids := _worker_nodes(self.nodes)) and len(ids) == 2 and ids,
                                    "2 training workers running", every_s=1)
-            self.checkpoint_at_kill = _wait(lambda: max(_checkpoint_steps(self.run_dir), default=0),
+            self.checkpoint_at_kill = wait_for(lambda: max(_checkpoint_steps(self.run_dir), default=0),
                                             "a first checkpoint")
             time.sleep(1.0)  # a step or two past the checkpoint: work the fault throws away
             self.checkpoint_at_kill = max(_checkpoint_steps(self.run_dir))
@@ -98,7 +87,7 @@ class NodeLoss(threading.Thread):
             time.sleep(REPLACEMENT_AFTER_S)
             node = self.nodes.add_worker()
             self.replaced_at = time.monotonic()
-            _wait(lambda: node.node_id in _worker_nodes(self.nodes), "a worker on the replacement node", every_s=0.5)
+            wait_for(lambda: node.node_id in _worker_nodes(self.nodes), "a worker on the replacement node", every_s=0.5)
             self.regrouped_at = time.monotonic()
         except Exception as exc:  # surfaced by the test, not lost in the thread
             self.error = exc

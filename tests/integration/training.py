@@ -1,8 +1,11 @@
-"""The tiny training recipe the training integration tests share (tests/integration/test_train*.py)."""
+"""The tiny training recipe the training tests share (tests/integration/test_train*.py, tests/faults/test_train*.py)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from train.config import TrainConfig, load_config
 
@@ -16,3 +19,14 @@ def tiny_config(workdir: Path, name: str, *overrides: str) -> TrainConfig:
         f"run.name={name}", f"run.storage_path={workdir}/results", f"export.store={workdir}/adapters",
         f"models_dir={REPO}/data/models", f"torch_extensions_dir={REPO}/data/torch_extensions",
         f"data.paths=[{REPO}/train/examples/ragtune-style.jsonl]", "export.adapter_name=" + name, *overrides])
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = 600, every_s: float = 0.25) -> Any:
+    """Poll ``predicate`` until it returns something truthy and return that; ``TimeoutError`` naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise TimeoutError(f"{what} within {timeout_s:.0f}s")
