@@ -31,7 +31,7 @@ class LLMClient(Protocol):
 
     async def engine_metrics(self) -> bytes: ...
 
-    async def check_health(self) -> None: ...
+    async def engine_health(self) -> None: ...
 
 
 class HandleClient:
@@ -64,8 +64,8 @@ class HandleClient:
     async def engine_metrics(self) -> bytes:
         return await self._to().engine_metrics.remote()
 
-    async def check_health(self) -> None:
-        await self._to().check_health.remote()
+    async def engine_health(self) -> None:
+        await self._to().engine_health.remote()
 
 
 class LocalClient:
@@ -95,5 +95,5 @@ class LocalClient:
     async def engine_metrics(self) -> bytes:
         return self._server.engine_metrics()
 
-    async def check_health(self) -> None:
-        await self._server.check_health()
+    async def engine_health(self) -> None:
+        await self._server.engine_health()

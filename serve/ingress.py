@@ -184,7 +184,7 @@ class Ingress:
             # Engine down → 503 (nothing can be served); store down → 200 "degraded" (plain
             # completions still work, RAG requests fail). No detail beyond up/down: unauthenticated.
             engine, store = await asyncio.gather(
-                _probe(self.llm.check_health()),
+                _probe(self.llm.engine_health()),
                 _probe(self.retriever.call("check_health")) if self.retriever is not None else _disabled())
             status = "error" if engine != "ok" else "ok" if store in ("ok", "disabled") else "degraded"
             body = {"status": status, "model": self.base, "engine": engine, "store": store}

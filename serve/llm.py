@@ -282,16 +282,23 @@ class LLMServer:
         replica's process exits: Serve sees the actor crashed at this very check and starts a
         replacement at once (measured in tests/faults/test_serving_faults.py).
         """
-        if self._engine is None:
-            return
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            await self._engine.check_health()
+            await self.engine_health()
         except EngineDeadError:
             logger.error("vLLM engine core is dead; exiting the replica so Serve replaces it now")
             logging.shutdown()
             os._exit(1)
+
+    async def engine_health(self) -> None:
+        """Raise if the engine cannot serve (vLLM's ``EngineDeadError`` once its core died).
+
+        What ``/health`` asks: it only reports, so a probe that finds the engine dead gets its 503
+        while ``check_health`` (Serve's hook, on its own period) ends the replica.
+        """
+        if self._engine is not None:
+            await self._engine.check_health()
 
     def engine_metrics(self) -> bytes:
         """vLLM's own ``vllm:*`` series of this replica's engine (Prometheus text)."""

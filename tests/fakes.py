@@ -104,7 +104,7 @@ class FakeReplica:
         return b"# HELP vllm:num_requests_running Fake engine gauge.\n# TYPE vllm:num_requests_running gauge\n" \
                b'vllm:num_requests_running{model_name="fake"} 0.0\n'
 
-    async def check_health(self) -> None:
+    async def engine_health(self) -> None:
         """A fake engine is always up (``healthy = False`` makes it fail, as a dead engine core does)."""
         if not getattr(self, "healthy", True):
             raise RuntimeError("engine core is dead")

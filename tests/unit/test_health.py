@@ -45,3 +45,30 @@ def test_retriever_check_health_raises_when_the_store_is_down():
     asyncio.run(Retriever(embedder=FakeEmbedder(), store=InMemoryStore()).check_health())  # no ping: fine
     with pytest.raises(ConnectionError):
         asyncio.run(Retriever(embedder=FakeEmbedder(), store=DownStore()).check_health())
+
+
+class _DeadEngine:
+    """The one AsyncLLM call the health paths make, failing as vLLM's does once its core died."""
+
+    async def check_health(self) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        raise EngineDeadError()
+
+
+def test_a_dead_engine_fails_the_probe_and_ends_the_replica_only_from_serves_hook(monkeypatch):
+    import serve.llm
+
+    server = serve.llm.LLMServer.__new__(serve.llm.LLMServer)  # no engine start: only the health seam
+    server._engine = _DeadEngine()
+    exits: list[int] = []
+    monkeypatch.setattr(serve.llm.os, "_exit", exits.append)
+    monkeypatch.setattr(serve.llm.logging, "shutdown", lambda: None)  # keep pytest's log handlers open
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    with pytest.raises(EngineDeadError):  # /health's probe reports (→ 503) and never exits
+        asyncio.run(server.engine_health())
+    assert exits == []
+    asyncio.run(server.check_health())  # Serve's hook: the replica process ends, Serve replaces it
+    assert exits == [1]
+    server._engine = None  # nothing for __del__ to shut down
