@@ -178,8 +178,15 @@ def grouped():
 
 
 def _gather(retriever, calls):
+    """The calls concurrently, through a retriever over the same embedder and store whose batch window
+    closes when every call has joined (or after 10 s): the grouping asserted does not depend on how
+    fast a loaded host lets the calls arrive."""
+    search = retriever.config.search.model_copy(update={"batch_max_size": len(calls), "batch_wait_timeout_s": 10.0})
+    together = Retriever(retriever.config.model_copy(update={"search": search}),
+                         embedder=retriever.embedder, store=retriever.store)
+
     async def go():
-        return await asyncio.gather(*(retriever.retrieve(**c) for c in calls), return_exceptions=True)
+        return await asyncio.gather(*(together.retrieve(**c) for c in calls), return_exceptions=True)
 
     return asyncio.run(go())
 
