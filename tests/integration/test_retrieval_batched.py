@@ -48,6 +48,11 @@ def test_concurrent_queries_get_their_own_chunks_from_shared_searches(retriever,
               {"query": "refunds", "collection": "shop", "tenant": "acme", "mode": mode,
                "filter": 'metadata["lang"] == "de"'}]
     alone = [asyncio.run(retriever.retrieve(**c)) for c in calls]
+    # The same embedder and store behind a batch window that closes when every call has joined (or
+    # after 10 s), so how the calls group does not depend on how fast a loaded host lets them arrive.
+    config = retriever.config.model_copy(update={"search": retriever.config.search.model_copy(
+        update={"batch_max_size": len(calls), "batch_wait_timeout_s": 10.0})})
+    together_retriever = Retriever(config, embedder=retriever.embedder, store=retriever.store)
     shared, search_many = [], retriever.store.search_many
 
     def counting(info, **kwargs):
@@ -57,7 +62,7 @@ def test_concurrent_queries_get_their_own_chunks_from_shared_searches(retriever,
     monkeypatch.setattr(retriever.store, "search_many", counting)
 
     async def together():
-        return await asyncio.gather(*(retriever.retrieve(**c) for c in calls))
+        return await asyncio.gather(*(together_retriever.retrieve(**c) for c in calls))
 
     batched = asyncio.run(together())
     assert [_key(b) for b in batched] == [_key(a) for a in alone]
