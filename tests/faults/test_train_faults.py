@@ -11,7 +11,6 @@ Run: flock /tmp/ragtune-heavy.lock .venv/bin/pytest -m faults -s tests/faults/te
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.training import tiny_config, wait_for
+from tests.integration.training import checkpoint_metrics, tiny_config, wait_for
 from train.launch import launch
 
 pytestmark = pytest.mark.faults
@@ -48,11 +47,7 @@ def _config(workdir: Path, name: str):
 
 
 def _snapshot(run_dir: Path) -> dict[int, dict]:
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):  # not written yet, or being rewritten
-        return {}
-    return {c["metrics"]["step"]: c["metrics"] for c in snapshot["checkpoint_results"]}
+    return checkpoint_metrics(run_dir, missing_ok=True)
 
 
 def _workers() -> list[tuple[int, str]]:

@@ -13,7 +13,6 @@ Run: flock /tmp/ragtune-heavy.lock .venv/bin/pytest -m faults -s tests/faults/te
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster_nodes import two_node_cluster  # first: it sets Ray's loopback switch before `import ray`
-from tests.integration.training import tiny_config, wait_for
+from tests.integration.training import checkpoint_metrics, tiny_config, wait_for
 from train.launch import launch
 
 pytestmark = pytest.mark.faults
@@ -44,16 +43,11 @@ def _config(workdir: Path, name: str):
 
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):  # not written yet, or being rewritten
-        return []
-    return sorted(c["metrics"]["step"] for c in snapshot["checkpoint_results"])
+    return list(checkpoint_metrics(run_dir, missing_ok=True))
 
 
 def _eval_losses(run_dir: Path) -> dict[int, float]:
-    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    return {c["metrics"]["step"]: c["metrics"]["eval_loss"] for c in snapshot["checkpoint_results"]}
+    return {step: m["eval_loss"] for step, m in checkpoint_metrics(run_dir).items()}
 
 
 def _worker_nodes(nodes) -> list[str]:

@@ -10,7 +10,6 @@ really sharded, so export must gather). The job-submission test starts its own `
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -27,7 +26,7 @@ from cluster.errors import ConfigError
 from cluster.models import TINY_LLAMA
 from cluster.processes import free_port
 from serve.registry import AdapterRegistry
-from tests.integration.training import tiny_config
+from tests.integration.training import checkpoint_metrics, tiny_config
 from train.cli import job_client, submit_job, wait_job
 from train.launch import launch
 
@@ -48,9 +47,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _checkpoint_metrics(workdir: Path, name: str) -> list[dict]:
-    """Metrics of the kept checkpoints, oldest first (Ray Train's snapshot in storage)."""
-    snapshot = json.loads((workdir / "results" / name / "checkpoint_manager_snapshot.json").read_text())
-    return sorted((c["metrics"] for c in snapshot["checkpoint_results"]), key=lambda m: m["step"])
+    """Metrics of the kept checkpoints, oldest first."""
+    return list(checkpoint_metrics(workdir / "results" / name).values())
 
 
 def _registry(workdir: Path, tiny_path: Path) -> AdapterRegistry:

@@ -7,13 +7,12 @@ load checkpoints into a different model are refused before any worker starts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from cluster.errors import ConfigError
-from tests.integration.training import tiny_config
+from tests.integration.training import checkpoint_metrics, tiny_config
 from train.config import TrainConfig
 from train.launch import launch
 
@@ -32,8 +31,7 @@ def _config(workdir: Path, name: str, *overrides: str) -> TrainConfig:
 
 
 def _eval_losses(workdir: Path, name: str) -> dict[int, float]:
-    snapshot = json.loads((workdir / "results" / name / "checkpoint_manager_snapshot.json").read_text())
-    return {c["metrics"]["step"]: c["metrics"]["eval_loss"] for c in snapshot["checkpoint_results"]}
+    return {step: m["eval_loss"] for step, m in checkpoint_metrics(workdir / "results" / name).items()}
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,19 @@ def tiny_config(workdir: Path, name: str, *overrides: str) -> TrainConfig:
         f"run.name={name}", f"run.storage_path={workdir}/results", f"export.store={workdir}/adapters",
         f"models_dir={REPO}/data/models", f"torch_extensions_dir={REPO}/data/torch_extensions",
         f"data.paths=[{REPO}/train/examples/ragtune-style.jsonl]", "export.adapter_name=" + name, *overrides])
+
+
+def checkpoint_metrics(run_dir: Path, missing_ok: bool = False) -> dict[int, dict]:
+    """Step → reported metrics of the run's kept checkpoints, in step order (Ray Train's snapshot in
+    storage). ``missing_ok``: ``{}`` while the snapshot is not written yet or being rewritten (polling)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        if missing_ok:
+            return {}
+        raise
+    metrics = sorted((c["metrics"] for c in snapshot["checkpoint_results"]), key=lambda m: m["step"])
+    return {m["step"]: m for m in metrics}
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = 600, every_s: float = 0.25) -> Any:
