@@ -260,7 +260,7 @@ class AdapterStoreConfig(StrictModel):
 # Slots beyond limits.max_concurrent_requests for health, metrics and admin requests.
 _CONTROL_HEADROOM = 32
 _INGRESS = {"max_ongoing_requests": 512, "max_queued_requests": 1024}
-# A dead engine is found at the next health check (check_health in serve/llm.py ends the replica).
+# A dead engine is found at the next health check (check_health in serve/llm.py restarts it in place).
 _LLM = {"health_check_period_s": 2.0}
 # >= retrieval.search.batch_max_size (32), or Serve caps the embedding batches below it.
 _RETRIEVER = {"max_ongoing_requests": 128, "max_queued_requests": 512}

@@ -17,10 +17,11 @@ import bisect
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.errors import InvalidRequestError, RagtuneError
+from cluster.errors import InvalidRequestError, OverloadedError, RagtuneError
 from serve.config import EngineConfig
 from serve.context import context_block, document_block, neutralise_chat, rag_prompt, with_context
 from serve.protocol import Prelude, Route
@@ -34,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 # Upper bound of the template's tokens around one extra system turn (role markers, newlines).
 _TURN_MARKUP_TOKENS = 8
+# An engine that dies again within this many seconds of an in-replica restart is not restarted
+# in place a second time: the replica exits and Serve starts a fresh process (a clean slate for
+# whatever keeps killing it).
+_RESTART_COOLDOWN_S = 120.0
 
 
 class AdapterLoadError(RagtuneError):
@@ -95,17 +100,25 @@ class LLMServer:
                                        max_lora_rank=cfg.max_lora_rank)
         self._engine = None
         self._state = None
+        self._restart: asyncio.Task | None = None  # an in-replica engine restart in progress
+        self._restarted_at: float | None = None
 
     async def start(self) -> None:
-        """Start the engine and vLLM's serving state (``init_app_state``, exactly as ``vllm serve``)."""
+        """Start the engine and vLLM's serving state (``init_app_state``, exactly as ``vllm serve``).
+
+        The engine is built in a worker thread: ``AsyncLLM.from_engine_args`` blocks while it
+        spawns the engine-core process and loads the model (~20 s on CPU), and the event loop must
+        keep answering Serve's health checks meanwhile when this runs as a restart. Built outside a
+        loop, vLLM starts its output handler lazily at the first request (its supported path).
+        """
         from starlette.datastructures import State
         from vllm.entrypoints.openai.api_server import init_app_state
 
-        self._engine = build_engine(self.cfg, self._model_path, self._max_tokens)
+        engine = await asyncio.to_thread(build_engine, self.cfg, self._model_path, self._max_tokens)
         args = frontend_args(self.cfg, _engine_args(self.cfg, self._model_path, self._max_tokens))
         state = State()
-        await init_app_state(self._engine, state, args, supported_tasks=await self._engine.get_supported_tasks())
-        self._state = state
+        await init_app_state(engine, state, args, supported_tasks=await engine.get_supported_tasks())
+        self._engine, self._state = engine, state
         self._models = state.openai_serving_models
         tokenizer = self._engine.renderer.tokenizer
         self._tokenizer = tokenizer
@@ -148,7 +161,11 @@ class LLMServer:
     async def _bind(self, request: Any, route: Route) -> None:
         """Point ``request.model`` at what the ingress resolved (base name or ``name@version``)."""
         if route.adapter is not None:
-            await self.get_adapter(route.adapter)
+            lora = await self.get_adapter(route.adapter)
+            if route.adapter not in self._models.lora_requests:
+                # Serve's multiplexed cache outlived an engine restart: the new engine has not seen it.
+                await self._engine.add_lora(lora)
+                self._models.lora_requests[route.adapter] = lora
             request.model = route.adapter
         else:
             request.model = self.cfg.base_name
@@ -178,6 +195,9 @@ class LLMServer:
         from vllm.exceptions import VLLMClientError
 
         request.request_id = route.request_id
+        if self._recovering():
+            yield _restarting_error()
+            return
         try:
             await self._bind(request, route)
             if route.context:
@@ -264,39 +284,85 @@ class LLMServer:
     # ---- tokenizer endpoints ----------------------------------------------------------------
     async def tokenize(self, request, route: Route):
         """``/tokenize`` (vLLM's ``ServingTokenization``)."""
+        if self._recovering():
+            raise _restarting_error()
         await self._bind(request, route)
         return await self._state.serving_tokenization.create_tokenize(request, None)
 
     async def detokenize(self, request, route: Route):
         """``/detokenize``."""
+        if self._recovering():
+            raise _restarting_error()
         await self._bind(request, route)
         return await self._state.serving_tokenization.create_detokenize(request, None)
 
     # ---- health and metrics ---------------------------------------------------------------
     async def check_health(self) -> None:
-        """Ray Serve calls this every ``health_check_period_s``; a dead engine ends the replica.
+        """Ray Serve calls this every ``health_check_period_s``; a dead engine is restarted in place.
 
-        A replica that only *fails* the check is replaced after 3 failures in a row (Ray Serve's
-        fixed ``REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD``), ~20-30 s at the default 10 s period,
-        and a dead vLLM engine never comes back in-process. So on vLLM's ``EngineDeadError`` the
-        replica's process exits: Serve sees the actor crashed at this very check and starts a
-        replacement at once (measured in tests/faults/test_serving_faults.py).
+        A dead vLLM engine never comes back by itself, and replacing the whole replica costs a
+        new actor, its imports and the engine start (measured 34-37 s from the kill to the first
+        answer). So on vLLM's ``EngineDeadError`` this replica builds a new engine in place
+        (:meth:`_restart_engine`) and keeps passing the check while it does; requests meanwhile
+        get a 503 with ``Retry-After``. If the restart fails, or the engine dies again within
+        ``_RESTART_COOLDOWN_S`` of one, the process exits: Serve sees the actor crashed at this
+        very check and starts a replacement at once (both measured in
+        tests/faults/test_serving_faults.py).
         """
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self._restart is not None:
+            if not self._restart.done():
+                return
+            failure = self._restart.exception()
+            self._restart = None
+            if failure is not None:
+                self._exit(f"the in-replica engine restart failed ({type(failure).__name__})")
         try:
             await self.engine_health()
         except EngineDeadError:
-            logger.error("vLLM engine core is dead; exiting the replica so Serve replaces it now")
-            logging.shutdown()
-            os._exit(1)
+            self._begin_restart()
+
+    def _recovering(self) -> bool:
+        """True while the engine is being rebuilt (starting one if it just died)."""
+        if self._restart is None and self._engine is not None and self._engine.errored:
+            self._begin_restart()
+        return self._restart is not None and not self._restart.done()
+
+    def _begin_restart(self) -> None:
+        if self._restart is not None and not self._restart.done():
+            return
+        if self._restarted_at is not None and time.monotonic() - self._restarted_at < _RESTART_COOLDOWN_S:
+            self._exit(f"the engine died again within {_RESTART_COOLDOWN_S:.0f} s of an in-replica restart")
+            return
+        logger.error("vLLM engine core is dead; restarting the engine inside this replica")
+        self._restart = asyncio.get_running_loop().create_task(self._restart_engine())
+
+    async def _restart_engine(self) -> None:
+        started = time.monotonic()
+        dead, self._engine = self._engine, None
+        try:  # reaps what is left of the dead engine's processes and sockets (may wait on them)
+            await asyncio.to_thread(dead.shutdown)
+        except Exception as exc:  # a half-dead engine may fail to close cleanly; the new one is what matters
+            logger.warning("shutting down the dead engine: %s: %s", type(exc).__name__, exc)
+        await self.start()
+        self._restarted_at = time.monotonic()
+        logger.info("engine restarted inside the replica in %.1f s", self._restarted_at - started)
+
+    @staticmethod
+    def _exit(reason: str) -> None:
+        logger.error("%s; exiting the replica so Serve replaces it now", reason)
+        logging.shutdown()
+        os._exit(1)
 
     async def engine_health(self) -> None:
         """Raise if the engine cannot serve (vLLM's ``EngineDeadError`` once its core died).
 
-        What ``/health`` asks: it only reports, so a probe that finds the engine dead gets its 503
-        while ``check_health`` (Serve's hook, on its own period) ends the replica.
+        What ``/health`` asks: it only reports (a 503 while the engine is dead or restarting);
+        ``check_health``, Serve's hook on its own period, does the recovering.
         """
+        if self._restart is not None and not self._restart.done():
+            raise _restarting_error()
         if self._engine is not None:
             await self._engine.check_health()
 
@@ -310,6 +376,11 @@ class LLMServer:
         engine = getattr(self, "_engine", None)
         if engine is not None and hasattr(engine, "shutdown"):
             engine.shutdown()
+
+
+def _restarting_error() -> OverloadedError:
+    return OverloadedError("The model engine is restarting after a failure; retry later.", status=503,
+                           retry_after=5, code="engine_unavailable")
 
 
 def _fit_count(budget: int, blocks: list[int]) -> int:
