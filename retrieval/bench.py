@@ -16,6 +16,13 @@
 * ``bench_retrieve``: retrieve latency p50/p99 and throughput with 16 concurrent clients through
   ``Retriever.retrieve`` in-process, dense and hybrid, on a synthetic collection (10k chunks;
   ``quick`` uses 500).
+* ``bench_retrieve_compare``: the same load, several embedder settings side by side in one process
+  over one collection (``--compare CHUNKS --query-precision fp32,bf16 --workdir DIR``), rounds
+  interleaved; the collection stays in DIR and a rerun only ingests what is missing (``--part I/P``
+  adds the I-th slice of the documents). Rows carry p50/p99, queries/s, queries per embedder call,
+  the embedder's ms per call, and how many of each query's top-5 chunks match the first setting's.
+* ``--query-precision`` / ``--document-precision`` (comma lists) with ``--quality``: one quality run
+  per setting, in one process.
 
 The corpus is synthetic but deterministic: sentences drawn from the sample knowledge base's
 vocabulary. Run: ``HF_HUB_OFFLINE=1 python -m retrieval.bench --quick`` (``--full`` once: it
@@ -36,13 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.chunking import Chunker
-from retrieval.config import ChunkingConfig, IngestConfig, MilvusConfig, RetrievalConfig
+from retrieval.config import ChunkingConfig, EmbedderConfig, IngestConfig, MilvusConfig, RetrievalConfig
 from retrieval.retriever import Retriever
 from retrieval.sample_kb import SAMPLE_KB_DIR
 from retrieval.types import Document, EmbedderLike
 
-__all__ = ["bench_ingest", "bench_ingest_scale", "bench_quality", "bench_retrieve", "main", "run", "scale_corpus",
-           "synthetic_documents"]
+__all__ = ["bench_ingest", "bench_ingest_scale", "bench_quality", "bench_retrieve", "bench_retrieve_compare", "main",
+           "run", "scale_corpus", "synthetic_documents"]
 
 Row = dict[str, Any]
 
@@ -325,6 +332,88 @@ async def _load(retriever: Retriever, queries: list[str], clients: int, mode: st
     ]
 
 
+def bench_retrieve_compare(workdir: Path, settings: dict[str, EmbedderConfig], *, chunks: int = 10_000,
+                           rounds: int = 2, clients: tuple[int, ...] = (16, 1), modes: tuple[str, ...] = ("dense",
+                           "hybrid"), part: tuple[int, int] = (1, 1)) -> list[Row]:
+    """Retrieve latency of several embedder settings over one collection, measured in turns.
+
+    Args:
+        workdir: Folder of the Milvus Lite file; kept, so a rerun skips the documents already ingested.
+        settings: Name → embedder config; the first one ingests and is the reference for top-5 agreement.
+        chunks: Collection size (one ~280-character chunk per synthetic document, as section d2).
+        rounds: Turns over all (setting, mode, clients) cells; rows are per round.
+        clients: Concurrent-client counts (16 clients send 160 queries, 1 client 40, as section d2).
+        modes: ``dense`` and/or ``hybrid``.
+        part: ``(i, p)``: ingest only the i-th of p slices of the documents and measure nothing (p > 1).
+    """
+    from retrieval.embedder import Embedder
+
+    if not settings:
+        raise ValueError("bench_retrieve_compare: give at least one embedder setting")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = _config(workdir, 300)
+    config = config.model_copy(update={"ingest": config.ingest.model_copy(update={"batch_chunks": 1024})})
+    embedders = {name: Embedder(cfg) for name, cfg in settings.items()}
+    reference = next(iter(embedders))
+    first = Retriever(config, embedder=embedders[reference])
+    try:
+        documents = synthetic_documents(chunks, 280, seed=2)
+        index, parts = part
+        summary = first.ingestor.ingest("bench-retrieve", "bench",
+                                        documents[len(documents) * (index - 1) // parts:len(documents) * index // parts],
+                                        progress=True)
+        rows = [_row("retrieve_compare", "ingest", summary.seconds, "s", added=summary.added,
+                     unchanged=summary.unchanged, chunks=summary.chunks, part=f"{index}/{parts}")]
+        if parts > 1:
+            return rows
+        timers: dict[str, float] = dict.fromkeys(embedders, 0.0)
+        retrievers = {name: Retriever(config, embedder=_Timed(e, "encode_queries", timers, name),  # type: ignore[arg-type]
+                                      store=first.store) for name, e in embedders.items()}
+        queries = [d.text[:80] for d in synthetic_documents(16 * 25, 200, seed=3)]
+        for mode in modes:
+            rows += asyncio.run(_agreement(retrievers, reference, queries, mode))
+        for turn in range(1, rounds + 1):
+            for mode in modes:
+                for count in clients:
+                    for name, retriever in retrievers.items():
+                        timers.update({name: 0.0, "encode_queries_calls": 0})
+                        cell = asyncio.run(_load(retriever, queries[:160 if count > 1 else 40], count, mode))
+                        calls = timers["encode_queries_calls"] - 1  # less the warm-up query
+                        for row in cell:
+                            row.update(setting=name, round=turn, batch=round(cell[0]["queries"] / max(calls, 1), 1),
+                                       embed_ms_per_call=round(timers[name] * 1000 / max(calls + 1, 1), 1))
+                        rows += cell
+    finally:
+        first.close()
+    return rows
+
+
+async def _agreement(retrievers: dict[str, Retriever], reference: str, queries: list[str], mode: str) -> list[Row]:
+    """Mean share of the reference setting's top-5 chunk ids that each other setting also returns."""
+    async def top(retriever: Retriever) -> list[set[str]]:
+        found = await asyncio.gather(*(retriever.retrieve(q, "bench-retrieve", "bench", top_k=5, mode=mode)
+                                       for q in queries))
+        return [{c.id for c in chunks} for chunks in found]
+
+    expected = await top(retrievers[reference])
+    rows = []
+    for name, retriever in retrievers.items():
+        if name != reference:
+            got = await top(retriever)
+            share = statistics.fmean(len(a & b) / max(len(a), 1) for a, b in zip(expected, got, strict=True))
+            rows.append(_row("retrieve_compare", "top5_agreement", share, "share", setting=name,
+                             reference=reference, mode=mode, queries=len(queries)))
+    return rows
+
+
+def _settings(query: str, document: str) -> dict[str, EmbedderConfig]:
+    """``"fp32,bf16"`` × ``"fp32"`` → named embedder configs (``q=bf16 d=fp32``), query side varying first."""
+    names = {"q": [p.strip() for p in query.split(",") if p.strip()],
+             "d": [p.strip() for p in document.split(",") if p.strip()]}
+    return {f"q={q} d={d}": EmbedderConfig(query_precision=q, document_precision=d)  # type: ignore[arg-type]
+            for d in names["d"] for q in names["q"]}
+
+
 def run(quick: bool = True, workdir: Path | None = None) -> list[Row]:
     """Both benchmarks; ``quick`` = small sizes (about a minute), else the full 10k-chunk run."""
     from retrieval.embedder import Embedder
@@ -352,10 +441,30 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --scale: ingest the I-th of P slices into DIR from --workdir (kept)")
     parser.add_argument("--quality", nargs=2, type=Path, default=None, metavar=("DOCS", "QA_JSONL"),
                         help="only the retrieval-quality comparison on a labelled set")
+    parser.add_argument("--compare", type=int, default=None, metavar="CHUNKS",
+                        help="only retrieve latency per embedder setting over one collection kept in --workdir")
+    parser.add_argument("--rounds", type=int, default=2, help="with --compare: turns over the settings")
+    parser.add_argument("--modes", default="dense,hybrid", help="with --compare: dense and/or hybrid")
+    parser.add_argument("--query-precision", default="fp32", metavar="LIST",
+                        help="with --quality/--compare: comma list of embedder.query_precision settings")
+    parser.add_argument("--document-precision", default="fp32", metavar="LIST",
+                        help="with --quality/--compare: comma list of embedder.document_precision settings")
     args = parser.parse_args(argv)
+    settings = _settings(args.query_precision, args.document_precision)
     if args.quality:
-        with tempfile.TemporaryDirectory(prefix="ragtune-bench-", dir=args.workdir) as tmp:
-            rows = bench_quality(Path(tmp), *args.quality)
+        from retrieval.embedder import Embedder
+
+        rows = []
+        for name, embedder_config in settings.items():
+            with tempfile.TemporaryDirectory(prefix="ragtune-bench-", dir=args.workdir) as tmp:
+                rows += [{**row, "setting": name}
+                         for row in bench_quality(Path(tmp), *args.quality, embedder=Embedder(embedder_config))]
+    elif args.compare:
+        if args.workdir is None:
+            parser.error("--compare needs --workdir DIR (the collection is kept there)")
+        index, parts = (int(x) for x in args.part.split("/"))
+        rows = bench_retrieve_compare(args.workdir, settings, chunks=args.compare, rounds=args.rounds,
+                                      modes=tuple(args.modes.split(",")), part=(index, parts))
     elif args.scale:
         index, parts = (int(x) for x in args.part.split("/"))
         if parts > 1:

@@ -10,20 +10,28 @@ Prompts: some embedders are trained with a prefix on queries and another on docu
 prompt from, in order: the retrieval config (``embedder.query_prompt``/``document_prompt``), the
 model's own sentence-transformers config (``prompts``: ``query``, ``document``/``passage``), the
 known prompt of the model family (matched on the name), else none (MiniLM needs none).
+
+Precision: ``embedder.query_precision``/``document_precision`` pick fp32 or bf16 per side. bf16 runs
+the model under ``torch.autocast`` (the matmuls in bfloat16; layer norm, softmax, pooling and the
+normalisation in fp32), so a bf16 query vector stays within cosine ~1e-4 of its fp32 twin and
+queries and documents of either precision remain comparable. ``auto`` is bf16 only where the device
+computes bf16 natively (emulated bf16 on an older CPU is slower than fp32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from retrieval.config import EmbedderConfig
 
-__all__ = ["PACKAGED_MODEL_NAMES", "Embedder", "Prompts", "resolve_model", "resolve_prompts"]
+__all__ = ["PACKAGED_MODEL_NAMES", "Embedder", "Prompts", "cpu_has_native_bf16", "resolve_model",
+           "resolve_precision", "resolve_prompts"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +81,52 @@ def resolve_prompts(config: EmbedderConfig, model_prompts: dict[str, str] | None
     return Prompts(query[0], document[0], f"query from {origins[0]}, document from {origins[1]}")
 
 
+Precision = Literal["fp32", "bf16"]
+# CPU features (torch.cpu.get_capabilities() keys) with bf16 arithmetic in hardware, which oneDNN uses.
+_NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def cpu_has_native_bf16(capabilities: Mapping[str, Any] | None = None) -> bool:
+    """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX, ARM BF16).
+
+    Args:
+        capabilities: ``torch.cpu.get_capabilities()``-shaped flags; None = ask torch (False on a torch
+            without that function).
+    """
+    if capabilities is None:
+        import torch
+
+        probe = getattr(torch.cpu, "get_capabilities", None)
+        capabilities = probe() if probe is not None else {}
+    return any(bool(capabilities.get(flag)) for flag in _NATIVE_BF16)
+
+
+def resolve_precision(setting: str, device_type: str, native_bf16: bool) -> Precision:
+    """The precision one side (queries or documents) is embedded in.
+
+    Args:
+        setting: ``"auto"``, ``"fp32"`` or ``"bf16"`` (``embedder.query_precision``/``document_precision``).
+        device_type: The model's torch device type (``"cpu"``, ``"cuda"``, ``"mps"``).
+        native_bf16: Whether that device computes bf16 natively (see :func:`cpu_has_native_bf16`).
+
+    Returns:
+        ``"bf16"`` when asked for, or for ``auto`` on a device with native bf16; else ``"fp32"``.
+    """
+    if setting not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"embedder precision must be 'auto', 'fp32' or 'bf16', got {setting!r}")
+    if setting == "auto":
+        return "bf16" if native_bf16 and device_type in ("cpu", "cuda") else "fp32"
+    return setting  # type: ignore[return-value]
+
+
+def _native_bf16(device: Any) -> bool:
+    import torch
+
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def resolve_model(name: str) -> str:
     """Map the default MiniLM names to the packaged offline folder; pass anything else through.
 
@@ -110,8 +164,12 @@ class Embedder:
         self.dim: int = int(self._model.get_embedding_dimension())
         self.tokenizer: Any = self._model.tokenizer
         self.prompts = resolve_prompts(self.config, dict(getattr(self._model, "prompts", None) or {}), path)
-        logger.info("embedder %s loaded from %s (dim %d, device %s; prompts: %s)", self.model_name, path, self.dim,
-                    self._model.device, self.prompts.origin)
+        native = _native_bf16(self._model.device)
+        self.query_precision = resolve_precision(self.config.query_precision, self._model.device.type, native)
+        self.document_precision = resolve_precision(self.config.document_precision, self._model.device.type, native)
+        logger.info("embedder %s loaded from %s (dim %d, device %s; prompts: %s; precision: queries %s, "
+                    "documents %s)", self.model_name, path, self.dim, self._model.device, self.prompts.origin,
+                    self.query_precision, self.document_precision)
 
     @property
     def model(self) -> Any:
@@ -132,22 +190,29 @@ class Embedder:
         Returns:
             One unit-length vector (list of floats) per text, in input order.
         """
-        return self._encode(texts, self.prompts.document)
+        return self._encode(texts, self.prompts.document, self.document_precision)
 
     def encode_queries(self, texts: Sequence[str]) -> list[list[float]]:
-        """Embed search queries with the query prompt (same output as :meth:`encode`)."""
-        return self._encode(texts, self.prompts.query)
+        """Embed search queries with the query prompt and ``query_precision`` (else as :meth:`encode`)."""
+        return self._encode(texts, self.prompts.query, self.query_precision)
 
-    def _encode(self, texts: Sequence[str], prompt: str) -> list[list[float]]:
+    def _encode(self, texts: Sequence[str], prompt: str, precision: Precision) -> list[list[float]]:
         if not texts:
             return []
-        # prompt="" (not None) also keeps sentence-transformers from applying a default prompt.
-        vectors = self._model.encode(
-            list(texts),
-            prompt=prompt,
-            batch_size=self.config.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return vectors.tolist()
+        import torch
+
+        # Autocast state is per thread, so concurrent fp32 and bf16 calls (ingest and queries) do not mix.
+        autocast = (torch.autocast(self._model.device.type, dtype=torch.bfloat16) if precision == "bf16"
+                    else contextlib.nullcontext())
+        with autocast:
+            # prompt="" (not None) also keeps sentence-transformers from applying a default prompt.
+            vectors = self._model.encode(
+                list(texts),
+                prompt=prompt,
+                batch_size=self.config.batch_size,
+                normalize_embeddings=True,
+                convert_to_tensor=True,
+                show_progress_bar=False,
+            )
+        # Under autocast the pooled output may come back in bf16; the stored/searched vectors are fp32.
+        return vectors.float().cpu().tolist()
