@@ -372,6 +372,7 @@ def bench_retrieve_compare(workdir: Path, settings: dict[str, EmbedderConfig], *
         queries = [d.text[:80] for d in synthetic_documents(16 * 25, 200, seed=3)]
         for mode in modes:
             rows += asyncio.run(_agreement(retrievers, reference, queries, mode))
+            rows += asyncio.run(_known_items(retrievers, documents, mode))
         for turn in range(1, rounds + 1):
             for mode in modes:
                 for count in clients:
@@ -403,6 +404,25 @@ async def _agreement(retrievers: dict[str, Retriever], reference: str, queries: 
             share = statistics.fmean(len(a & b) / max(len(a), 1) for a, b in zip(expected, got, strict=True))
             rows.append(_row("retrieve_compare", "top5_agreement", share, "share", setting=name,
                              reference=reference, mode=mode, queries=len(queries)))
+    return rows
+
+
+async def _known_items(retrievers: dict[str, Retriever], documents: list[Document], mode: str,
+                       count: int = 400) -> list[Row]:
+    """hit@5/MRR@5 of known-item queries: 80 characters from the middle of a stored document, which is the
+    one relevant id (a labelled set as large as the collection needs; the example eval set has 8 documents)."""
+    from retrieval.quality import retrieval_metrics
+
+    picked = documents[:: max(len(documents) // count, 1)][:count]
+    qrels = {d.id: {d.id} for d in picked}
+    rows = []
+    for name, retriever in retrievers.items():
+        found = await asyncio.gather(*(retriever.retrieve(d.text[100:180], "bench-retrieve", "bench", top_k=5,
+                                                          mode=mode) for d in picked))
+        metrics = retrieval_metrics({d.id: [c.document for c in chunks] for d, chunks in zip(picked, found,
+                                                                                            strict=True)}, qrels, k=5)
+        rows += [_row("retrieve_compare", f"known_item_{key}", metrics[key], "", setting=name, mode=mode,
+                      queries=metrics["queries"]) for key in ("hit@5", "mrr@5")]
     return rows
 
 

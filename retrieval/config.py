@@ -54,11 +54,13 @@ class EmbedderConfig(StrictModel):
         "config (prompts.document/passage), else the known family prompt, else none; '' = none.",
     )
     # Measured on all-MiniLM-L6-v2, 2 AVX512-BF16 cores (loadtests/results/2026-12-02-query-precision.md):
-    # bf16 autocast embeds 16 queries in 0.55-0.66x the fp32 time, cosine to the fp32 vector >= 0.99996,
-    # the same hit@k/MRR on the example eval set. torch dynamic int8 (quantize_dynamic on Linear) was
-    # faster still but moved vectors to cosine 0.89-0.95 of fp32, so it is not offered.
+    # bf16 autocast embeds 16 queries in 0.55-0.80x the fp32 time, cosine to the fp32 vector >= 0.99996,
+    # and gives the same hit@5/MRR@5/nDCG@5 on the example eval set. torch dynamic int8 (quantize_dynamic
+    # on Linear) was faster still but moved vectors to cosine 0.87-0.95 of fp32, so it is not offered;
+    # ONNX Runtime fp32 was no faster than bf16 at 16 queries (sentence-transformers' onnx backend needs
+    # optimum-onnx, which pins transformers < 4.58).
     query_precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="fp32",
+        default="auto",
         description="Arithmetic of query embedding: 'bf16' runs the model under torch.autocast(bfloat16) "
         "(matmuls in bf16, normalisation and pooling in fp32; vectors stay comparable with fp32 documents); "
         "'auto' = bf16 where the device does bf16 natively (CPU with AVX512-BF16/AMX or ARM BF16, CUDA "

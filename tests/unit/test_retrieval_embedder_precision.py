@@ -42,7 +42,7 @@ def test_native_bf16_flags():
 
 def test_precision_config_defaults_and_errors():
     config = EmbedderConfig()
-    assert (config.query_precision, config.document_precision) == ("fp32", "fp32")
+    assert (config.query_precision, config.document_precision) == ("auto", "fp32")
     with pytest.raises(ValidationError, match="query_precision"):
         EmbedderConfig(query_precision="int8")
     with pytest.raises(ValidationError, match="document_precision"):
