@@ -156,7 +156,11 @@ def prepare_bench_args(args: argparse.Namespace, servers: BenchServers) -> None:
 
 
 def _ttft_ms(url: str, body: dict, api_key: str | None = None) -> float:
-    """Time to the first content chunk of one streamed chat request, in ms."""
+    """Time to the first generated token of one streamed chat request, in ms.
+
+    That is the first chunk with delta content or a finish reason: a reply whose first token is
+    end-of-turn (or a special token the detokenizer drops) is timed at its finish chunk, not lost.
+    """
     import time
 
     import httpx
@@ -167,17 +171,19 @@ def _ttft_ms(url: str, body: dict, api_key: str | None = None) -> float:
                       timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if line.startswith("data: {") and _has_content(line[len("data: "):]):
+            if line.startswith("data: {") and _first_token(line[len("data: "):]):
                 return (time.perf_counter() - start) * 1000
-    raise RuntimeError("stream ended without content")
+    raise RuntimeError("stream ended without a token (no content and no finish reason)")
 
 
-def _has_content(event: str) -> bool:
-    """An SSE chat chunk (JSON, compact or not) with non-empty delta content; an error event raises."""
+def _first_token(event: str) -> bool:
+    """An SSE chat chunk (JSON, compact or not) carrying a generated token: non-empty delta content or
+    a finish reason (vLLM's opening chunk, role and empty content, is not one); an error event raises."""
     data = json.loads(event)
     if "error" in data:
         raise RuntimeError(f"stream error: {data['error']}"[:300])
-    return any((choice.get("delta") or {}).get("content") for choice in data.get("choices") or ())
+    return any((choice.get("delta") or {}).get("content") or choice.get("finish_reason")
+               for choice in data.get("choices") or ())
 
 
 PREFIX_CACHE_METRICS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")

@@ -229,9 +229,10 @@ def test_retrieve_sizes(monkeypatch):
 def test_ttft_event_parsing_compact_and_spaced_json():
     import cluster.bench as cb
 
-    assert cb._has_content('{"choices":[{"index":0,"delta":{"content":"The"}}]}')
-    assert cb._has_content('{"choices": [{"index": 0, "delta": {"content": " x"}}]}')
-    assert not cb._has_content('{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}')
-    assert not cb._has_content('{"choices": []}')
+    assert cb._first_token('{"choices":[{"index":0,"delta":{"content":"The"}}]}')
+    assert cb._first_token('{"choices": [{"index": 0, "delta": {"content": " x"}}]}')
+    assert not cb._first_token('{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}')
+    assert not cb._first_token('{"choices": []}')
+    assert cb._first_token('{"choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}]}')
     with pytest.raises(RuntimeError, match="stream error"):
-        cb._has_content('{"error": {"message": "boom"}}')
+        cb._first_token('{"error": {"message": "boom"}}')
