@@ -334,7 +334,8 @@ async def _load(retriever: Retriever, queries: list[str], clients: int, mode: st
 
 def bench_retrieve_compare(workdir: Path, settings: dict[str, EmbedderConfig], *, chunks: int = 10_000,
                            rounds: int = 2, clients: tuple[int, ...] = (16, 1), modes: tuple[str, ...] = ("dense",
-                           "hybrid"), part: tuple[int, int] = (1, 1)) -> list[Row]:
+                           "hybrid"), part: tuple[int, int] = (1, 1),
+                           batch_waits: tuple[float, ...] = ()) -> list[Row]:
     """Retrieve latency of several embedder settings over one collection, measured in turns.
 
     Args:
@@ -345,6 +346,7 @@ def bench_retrieve_compare(workdir: Path, settings: dict[str, EmbedderConfig], *
         clients: Concurrent-client counts (16 clients send 160 queries, 1 client 40, as section d2).
         modes: ``dense`` and/or ``hybrid``.
         part: ``(i, p)``: ingest only the i-th of p slices of the documents and measure nothing (p > 1).
+        batch_waits: ``search.batch_wait_timeout_s`` values to cross with the settings (() = the default).
     """
     from retrieval.embedder import Embedder
 
@@ -354,8 +356,7 @@ def bench_retrieve_compare(workdir: Path, settings: dict[str, EmbedderConfig], *
     config = _config(workdir, 300)
     config = config.model_copy(update={"ingest": config.ingest.model_copy(update={"batch_chunks": 1024})})
     embedders = {name: Embedder(cfg) for name, cfg in settings.items()}
-    reference = next(iter(embedders))
-    first = Retriever(config, embedder=embedders[reference])
+    first = Retriever(config, embedder=next(iter(embedders.values())))
     try:
         documents = synthetic_documents(chunks, 280, seed=2)
         index, parts = part
@@ -366,9 +367,13 @@ def bench_retrieve_compare(workdir: Path, settings: dict[str, EmbedderConfig], *
                      unchanged=summary.unchanged, chunks=summary.chunks, part=f"{index}/{parts}")]
         if parts > 1:
             return rows
-        timers: dict[str, float] = dict.fromkeys(embedders, 0.0)
-        retrievers = {name: Retriever(config, embedder=_Timed(e, "encode_queries", timers, name),  # type: ignore[arg-type]
-                                      store=first.store) for name, e in embedders.items()}
+        variants = {name: (e, config) for name, e in embedders.items()} if not batch_waits else {
+            f"{name} wait={wait * 1000:g}ms": (e, config.model_copy(update={"search": config.search.model_copy(
+                update={"batch_wait_timeout_s": wait})})) for name, e in embedders.items() for wait in batch_waits}
+        reference = next(iter(variants))
+        timers: dict[str, float] = dict.fromkeys(variants, 0.0)
+        retrievers = {name: Retriever(cfg, embedder=_Timed(e, "encode_queries", timers, name),  # type: ignore[arg-type]
+                                      store=first.store) for name, (e, cfg) in variants.items()}
         queries = [d.text[:80] for d in synthetic_documents(16 * 25, 200, seed=3)]
         for mode in modes:
             rows += asyncio.run(_agreement(retrievers, reference, queries, mode))
@@ -465,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="only retrieve latency per embedder setting over one collection kept in --workdir")
     parser.add_argument("--rounds", type=int, default=2, help="with --compare: turns over the settings")
     parser.add_argument("--modes", default="dense,hybrid", help="with --compare: dense and/or hybrid")
+    parser.add_argument("--batch-wait", default="", metavar="LIST",
+                        help="with --compare: comma list of search.batch_wait_timeout_s values (seconds)")
     parser.add_argument("--query-precision", default="fp32", metavar="LIST",
                         help="with --quality/--compare: comma list of embedder.query_precision settings")
     parser.add_argument("--document-precision", default="fp32", metavar="LIST",
@@ -484,7 +491,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--compare needs --workdir DIR (the collection is kept there)")
         index, parts = (int(x) for x in args.part.split("/"))
         rows = bench_retrieve_compare(args.workdir, settings, chunks=args.compare, rounds=args.rounds,
-                                      modes=tuple(args.modes.split(",")), part=(index, parts))
+                                      modes=tuple(args.modes.split(",")), part=(index, parts),
+                                      batch_waits=tuple(float(x) for x in args.batch_wait.split(",") if x.strip()))
     elif args.scale:
         index, parts = (int(x) for x in args.part.split("/"))
         if parts > 1:

@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from retrieval.config import IngestConfig, MilvusConfig, RetrievalConfig, SearchConfig
+from retrieval.config import EmbedderConfig, IngestConfig, MilvusConfig, RetrievalConfig, SearchConfig
 from retrieval.retriever import Retriever
 from retrieval.sample_kb import SAMPLE_COLLECTION, SAMPLE_QUESTIONS, ingest_sample_kb
 
@@ -26,8 +26,11 @@ PRIVATE = [
 
 @pytest.fixture(scope="module")
 def retriever(tmp_path_factory):
+    # fp32 queries: the scores are compared batched vs alone to 4 decimals, and a bf16 query's scores move
+    # by up to ~1e-3 with the batch it shares (embedder.query_precision; retrieval/embedder.py).
     config = RetrievalConfig(milvus=MilvusConfig(uri=str(tmp_path_factory.mktemp("milvus") / "milvus.db")),
-                             ingest=IngestConfig(show_progress=False), search=SearchConfig(batch_wait_timeout_s=0.05))
+                             ingest=IngestConfig(show_progress=False), search=SearchConfig(batch_wait_timeout_s=0.05),
+                             embedder=EmbedderConfig(query_precision="fp32"))
     r = Retriever(config)
     ingest_sample_kb(r.ingestor)
     asyncio.run(r.upsert_documents("shop", "acme", PRIVATE))
