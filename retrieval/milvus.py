@@ -17,12 +17,26 @@ one timestamp (milvus-lite under one memtable lock), so readers get the old vers
 one, never a mix and never none. A tombstone is the old row itself with ``content_hash = ""``
 (same vector, text, source, metadata): it matches every filter and ranks exactly where the old
 row did, so a search's candidates always hold the newest version of an id and Milvus's
-keep-the-newest dedup hides the old row; the store drops tombstone hits before answering. (A
-tombstone that did not match, e.g. ``chunk_index = -1``, let the old row through in milvus-lite
-when a flush ran between its candidate and dedup steps: measured 1 read in 721 showing both
-versions.) Tombstones are then deleted; one left by a crash is swept by the next ingest. Writers of a document are serialised by ``retrieval.doclocks``
-(rows in this same store, so the rule holds across retriever replicas), because two writers
-that both read the old ids would each leave their own chunks live.
+keep-the-newest dedup hides the old row; the store drops tombstone hits before answering.
+Tombstones are then deleted (under the document's lock, also when swept after a crash). Writers
+of a document are serialised by ``retrieval.doclocks`` (rows in this same store, so the rule holds
+across retriever replicas), because two writers that both read the old ids would each leave their
+own chunks live.
+
+**Reads that race a flush (milvus-lite 3.2.2).** Its flush swaps in an empty memtable *before* it
+takes the lock that publishes the sealed segment, and a read takes its segment snapshot, its
+candidate rows and its delete mask at three moments. A read that a flush (any client's, e.g. the
+other writer's ingest ending) overlaps can therefore see (a) the frozen memtable's rows but not its
+deletes: old rows sealed earlier come back next to the new version (measured: the two-writer test's
+reader saw 18 + 1 rows of two versions in 1 read of ~500, always during a flush; reproduced
+deterministically by running a flush between candidate assembly and masking), or (b) none of the
+frozen memtable: the state of the last flush. ``Strong`` changes nothing there (milvus-lite has no
+timestamps), and a hybrid search's two legs are two reads besides. So: a search or
+:meth:`document_rows` answer holding two versions of one document is read again (up to
+``_MIXED_READS``; the check is a dict pass over the hits, nothing else changes on the search path);
+and a writer, still holding the lock, re-reads the switched documents and hides (tombstone, delete)
+any older row its first read missed, failing the write if one survives ``_VERIFY_PASSES`` checks —
+case (b) in the writer's read would otherwise leave the previous version live until the next write.
 
 **Ownership** (owner tenant, public flag, physical collection) lives in a small registry
 collection; see ``retrieval.registry`` for why a collection rather than collection properties.
@@ -91,6 +105,8 @@ _GRPC_OPTIONS = {"grpc.use_local_subchannel_pool": 1, "grpc.initial_reconnect_ba
 _INPUT_ERROR_CODES = frozenset({5, 6, 1100})
 _DELETE_BATCH = 256  # ids per delete expression, to keep expressions small
 _QUERY_LIMIT = 16_384  # Milvus's largest query limit; beyond it, query_iterator
+_VERIFY_PASSES = 3  # re-checks of a switched document before the write fails (module docstring)
+_MIXED_READS = 3  # reads of one search while a document shows two generations (module docstring)
 
 
 def physical_name(prefix: str, owner: str, name: str) -> str:
@@ -269,22 +285,60 @@ class MilvusStore:
                 hashes[row["doc_id"]] = ""
         return hashes
 
+    def document_rows(self, info: CollectionInfo, doc_ids: Sequence[str], fields: Sequence[str] = _OUTPUT_FIELDS
+                      ) -> list[dict]:
+        """The live rows (chunks) of ``doc_ids``, read as :meth:`search` reads: again while one document
+        shows two versions (a read racing a flush, module docstring), at most ``_MIXED_READS`` times."""
+        fields = sorted({*fields, "doc_id", "content_hash"})
+        for _ in range(_MIXED_READS):
+            rows = self._live_rows(info, sorted(set(doc_ids)), fields)
+            if not _mixed(rows):
+                break
+        return rows
+
     def replace_documents(self, info: CollectionInfo, records: Sequence[ChunkRecord]) -> None:
         """Make each document named in ``records`` consist of exactly its records, switched in one write.
 
         Under the documents' locks: read the live rows of those documents, upsert the new rows plus
-        a tombstone over every other live row in one request, then delete the tombstones.
+        a tombstone over every other live row in one request, delete the tombstones, then read the
+        documents again and hide any older row the first read missed (a read racing a flush; see
+        the module docstring).
+
+        Raises:
+            RagtuneError: Rows of an older generation were still live after every re-check.
         """
         docs = sorted({r.doc_id for r in records})
         if not docs:
             return
-        new_ids = {r.id for r in records}
         with self.locks.hold(info.physical, docs):
-            old = [row for row in self._live_rows(info, docs) if str(row["id"]) not in new_ids]
-            self._client.upsert(info.physical, [_row(info, r) for r in records] + [_tombstone(info, o) for o in old])
-            # Only documents that had old rows got tombstones: a new document's switch is the upsert
-            # alone (a filtered delete scans the collection; measured ~0.1 s a group at 4k rows).
-            self._delete_batched(info, sorted({str(o["doc_id"]) for o in old}), _TOMBSTONE)
+            self._switch(info, docs, records)
+
+    def _switch(self, info: CollectionInfo, docs: list[str], records: Sequence[ChunkRecord]) -> None:
+        """The critical section of :meth:`replace_documents` (the caller holds ``docs``' locks)."""
+        new_ids = {r.id for r in records}
+        old = [row for row in self._live_rows(info, docs) if str(row["id"]) not in new_ids]
+        self._client.upsert(info.physical, [_row(info, r) for r in records] + [_tombstone(info, o) for o in old])
+        # Only documents that had old rows got tombstones: a new document's switch is the upsert
+        # alone (a filtered delete scans the collection; measured ~0.1 s a group at 4k rows).
+        self._delete_batched(info, sorted({str(o["doc_id"]) for o in old}), _TOMBSTONE)
+        for _ in range(_VERIFY_PASSES):
+            # The check costs one filtered id-only query; the write path runs on the ingest writer
+            # thread, overlapped with encoding, so it does not touch search latency.
+            stale_ids = [str(row["id"]) for row in self._live_rows(info, docs, ["doc_id"])
+                         if str(row["id"]) not in new_ids]
+            if not stale_ids:
+                return
+            fetched = self._client.get(info.physical, ids=stale_ids, output_fields=[*_COPIED, "content_hash"])
+            stale = [row for row in fetched if row["content_hash"]]
+            if not stale:  # the re-check itself raced a flush and saw deleted rows (case (a)): check again
+                logger.info("collection %s: a re-check saw %d deleted rows as live", info.name, len(stale_ids))
+                continue
+            logger.warning("collection %s: %d rows of an older document version were still live after a switch "
+                           "(the first read raced a flush); hiding them", info.name, len(stale))
+            self._client.upsert(info.physical, [_tombstone(info, o) for o in stale])
+            self._delete_batched(info, sorted({str(o["doc_id"]) for o in stale}), _TOMBSTONE)
+        raise RagtuneError(f"collection {info.name!r}: rows of an older document version stayed live after "
+                           f"{_VERIFY_PASSES} checks")
 
     def delete_documents(self, info: CollectionInfo, doc_ids: Sequence[str]) -> None:
         """Delete every chunk of the given documents (each document in one delete request, under its lock)."""
@@ -295,22 +349,34 @@ class MilvusStore:
                 self._client.delete(info.physical, filter=in_list("doc_id", batch))
 
     def sweep(self, info: CollectionInfo) -> None:
-        """Delete tombstones and lock rows a crashed writer left (tombstones are invisible either way)."""
+        """Delete tombstones and lock rows a crashed writer left (tombstones are invisible either way).
+
+        Tombstones are deleted under their documents' locks: a delete by filter is "query the ids,
+        then delete them", and an id can come back live in between (a document switched back to a
+        version it had, e.g. A → B → A, reuses the ids), which an unlocked delete would then remove.
+        """
         self.locks.sweep(info.physical)
         # A read first: the usual answer is "none", and a no-op ingest must not write.
-        if self._client.query(info.physical, filter=_TOMBSTONE, output_fields=["doc_id"], limit=1,
-                              consistency_level=self.config.consistency_level):
-            self._client.delete(info.physical, filter=_TOMBSTONE)
+        rows = self._client.query(info.physical, filter=_TOMBSTONE, output_fields=["doc_id"], limit=_QUERY_LIMIT,
+                                  consistency_level="Strong")
+        if len(rows) == _QUERY_LIMIT:
+            rows = self._iterate(info, _TOMBSTONE, ["doc_id"], "Strong")
+        docs = sorted({str(row["doc_id"]) for row in rows})
+        for start in range(0, len(docs), _DELETE_BATCH):
+            batch = docs[start:start + _DELETE_BATCH]
+            with self.locks.hold(info.physical, batch):
+                self._delete_batched(info, batch, _TOMBSTONE)
 
-    def _live_rows(self, info: CollectionInfo, docs: Sequence[str]) -> list[dict]:
+    def _live_rows(self, info: CollectionInfo, docs: Sequence[str], fields: list[str] = _COPIED) -> list[dict]:
         found: list[dict] = []
         for start in range(0, len(docs), _DELETE_BATCH):
             expr = f"{in_list('doc_id', docs[start:start + _DELETE_BATCH])} and {_LIVE}"
-            # Strong: a lagging read here would leave old chunks live.
-            rows = self._client.query(info.physical, filter=expr, output_fields=_COPIED, limit=_QUERY_LIMIT,
+            # Strong: a lagging read here would leave old chunks live (milvus-lite ignores the level;
+            # its reads racing a flush are handled by _switch's re-check).
+            rows = self._client.query(info.physical, filter=expr, output_fields=fields, limit=_QUERY_LIMIT,
                                       consistency_level="Strong")
             if len(rows) == _QUERY_LIMIT:  # rare (huge documents): page through them all
-                rows = self._iterate(info, expr, _COPIED, "Strong")
+                rows = self._iterate(info, expr, fields, "Strong")
             found.extend(rows)
         return found
 
@@ -379,11 +445,18 @@ class MilvusStore:
             return []
         expr = combine_filters(eq("tenant", info.owner), filter)
         data = [list(v) for v in vectors]
-        try:
-            results = self._dense(info, data, expr, top_k) if mode == "dense" else self._hybrid(
-                info, data, list(queries), expr, top_k)
-        except MilvusException as exc:
-            raise self._search_error(info, exc, bool(filter and filter.strip())) from exc
+        for attempt in range(1, _MIXED_READS + 1):
+            try:
+                results = self._dense(info, data, expr, top_k) if mode == "dense" else self._hybrid(
+                    info, data, list(queries), expr, top_k)
+            except MilvusException as exc:
+                raise self._search_error(info, exc, bool(filter and filter.strip())) from exc
+            # Two versions of one document in an answer can only be a read that raced a flush
+            # (module docstring): read again. The check is a dict pass over the hits.
+            if not _mixed(hit["entity"] for hits in results for hit in hits):
+                break
+            logger.warning("search in collection %s raced a flush (a document showed two versions, read %d of %d)",
+                           info.name, attempt, _MIXED_READS)
         if len(results) != len(queries):
             raise RagtuneError(f"vector search in collection {info.name!r} returned {len(results)} result lists "
                                f"for {len(queries)} queries")
@@ -493,6 +566,16 @@ def _is_input_error(exc: MilvusException) -> bool:
         or exc.code in _INPUT_ERROR_CODES
         or any(word in message for word in ("expr", "parse", "query plan", "field"))
     )
+
+
+def _mixed(entities: Any) -> bool:
+    """True if the rows (or search hits' entities) hold two versions (content hashes) of one document."""
+    seen: dict[str, str] = {}
+    for entity in entities:
+        digest = entity.get("content_hash")
+        if digest and seen.setdefault(entity["doc_id"], digest) != digest:
+            return True
+    return False
 
 
 def _row(info: CollectionInfo, r: ChunkRecord) -> dict[str, Any]:

@@ -71,15 +71,20 @@ def test_two_writers_and_a_reader_never_see_a_half_done_document(milvus, embedde
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
-    store, vector = writers[0].store, embedder.encode(["refund days"])[0]
-    info = store.resolve("policy-kb", "acme")
-    depth, overlaps = [0], []  # writers inside the critical section (read old rows … delete tombstones)
+    # The reader is a third store (another retriever replica's client); `raw` counts what a plain
+    # milvus-lite query sees, which can show both versions while a flush runs (retrieval/milvus.py).
+    store = MilvusStore(MilvusConfig(uri=milvus.uri, consistency_level="Strong"))
+    vector, info = embedder.encode(["refund days"])[0], store.resolve("policy-kb", "acme")
+    depth, overlaps = [0], []  # writers inside the critical section (read old rows … re-check)
     for w in writers:
         _instrument(w.store, depth, overlaps)
+    raw = []
 
-    def read() -> None:  # both read paths: a query (tombstones dropped as search drops them) and search
+    def read() -> None:  # both read paths: the store's document read and search (each retries a mix)
         while not done.is_set():
             live = [r for r in rows(reader, physical, 'doc_id == "policy"') if r["content_hash"]]
+            raw.append(len({r["content_hash"] for r in live}) != 1 or len(live) not in chunk_counts)
+            live = store.document_rows(info, ["policy"])
             seen.append(("query", len(live), len({r["content_hash"] for r in live})))
             hits = store.search(info, vector=vector, query="refund days", top_k=100, filter='document == "policy"',
                                 mode="hybrid")
@@ -103,13 +108,10 @@ def test_two_writers_and_a_reader_never_see_a_half_done_document(milvus, embedde
     assert all(r["content_hash"] for r in final), "tombstones must be gone"
     assert not reader.query(writers[0].store.locks.collection, filter='key != ""', output_fields=["key"],
                             consistency_level="Strong"), "every lock row released"
-    for w in writers:
+    for w in [*writers, store]:
         w.close()
     bad = [s for s in seen if s[2] != 1 or s[1] not in chunk_counts]
-    if bad and all(s[2] == 2 for s in bad) and len(bad) * 100 < len(seen):
-        # Seen in 2 of 3 runs (1 read in 324 and in 721) with the writers provably serialised (above):
-        # open, milvus-lite's read path is suspected (README Reliability). Reported, not hidden.
-        pytest.xfail(f"{len(bad)} of {len(seen)} concurrent reads saw both versions: {bad[:3]}")
+    print(f"{len(seen)} reads, {len(bad)} half-done; {sum(raw)} of {len(raw)} plain queries saw a mix")
     assert not bad, f"{len(bad)} of {len(seen)} reads saw a half-done document: {bad[:5]}"
 
 
@@ -117,23 +119,20 @@ _DEPTH_LOCK = threading.Lock()
 
 
 def _instrument(store: MilvusStore, depth: list[int], overlaps: list[int]) -> None:
-    live_rows, delete_batched = store._live_rows, store._delete_batched
+    switch = store._switch  # the critical section: read old rows, switch, delete tombstones, re-check
 
-    def entering(*args, **kwargs):
+    def counted(*args, **kwargs):
         with _DEPTH_LOCK:
             depth[0] += 1
             if depth[0] > 1:
                 overlaps.append(depth[0])
-        return live_rows(*args, **kwargs)
-
-    def leaving(*args, **kwargs):
         try:
-            return delete_batched(*args, **kwargs)
+            return switch(*args, **kwargs)
         finally:
             with _DEPTH_LOCK:
                 depth[0] -= 1
 
-    store._live_rows, store._delete_batched = entering, leaving
+    store._switch = counted
 
 
 # The child updates to version 2 and dies by SIGKILL just before the N-th call of one store step.
