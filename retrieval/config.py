@@ -54,7 +54,7 @@ class EmbedderConfig(StrictModel):
         "config (prompts.document/passage), else the known family prompt, else none; '' = none.",
     )
     # Measured on all-MiniLM-L6-v2, 2 AVX512-BF16 cores (loadtests/results/2026-12-02-query-precision.md):
-    # bf16 autocast embeds 16 queries in 0.55-0.80x the fp32 time, cosine to the fp32 vector >= 0.99996,
+    # bf16 autocast embeds 16 queries in 0.55-0.81x the fp32 time, cosine to the fp32 vector >= 0.99996,
     # and gives the same hit@5/MRR@5/nDCG@5 on the example eval set. torch dynamic int8 (quantize_dynamic
     # on Linear) was faster still but moved vectors to cosine 0.87-0.95 of fp32, so it is not offered;
     # ONNX Runtime fp32 was no faster than bf16 at 16 queries (sentence-transformers' onnx backend needs
