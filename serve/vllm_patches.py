@@ -23,6 +23,10 @@ wrapper ``vllm/lora/punica_wrapper/punica_cpu.py`` calls) have two problems this
      adapters' blocks in a single ``bmm``, because there per-op dispatch (~10 µs), not arithmetic,
      is the cost (see ``_Plan``).
 
+   - slots an adapter leaves empty in a layer (modules it does not train; vLLM zeroes them) are
+     never multiplied, and a layer with no live slot in the batch is skipped whole (see
+     ``mark_live_slots``).
+
    Measured with ``loadtests/lora_microbench.py`` (SmolLM2-135M shapes, 8 adapters, 16 requests,
    fp32, one core, ranks 8/16; CPU ms per forward step, all 30 layers' LoRA work): 16 × 256-token
    prefill 28,000-53,000 → ~900 (the layers' own matmuls: ~10,500); 16-request decode 80-140 →
@@ -65,6 +69,7 @@ __all__ = [
     "bgmv_expand",
     "bgmv_expand_slice",
     "bgmv_shrink",
+    "mark_live_slots",
     "register",
     "sgmv_expand",
     "sgmv_expand_slice",
@@ -193,20 +198,95 @@ def _plan(slots: list[int], lengths: list[int], device: torch.device) -> _Plan:
     return plan
 
 
-def _token_plan(indices: torch.Tensor) -> _Plan:
+def _token_plan(indices: torch.Tensor, weights: torch.Tensor) -> _Plan:
     """Plan from a per-token slot index (the ``bgmv_*`` calling convention): one unique_consecutive."""
     slots, counts = torch.unique_consecutive(indices, return_counts=True)
-    return _plan(slots.tolist(), counts.tolist(), indices.device)
+    return _plan(_without_empty(slots.tolist(), weights), counts.tolist(), indices.device)
 
 
-def _segment_plan(seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor) -> _Plan:
+def _segment_plan(seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor, weights: torch.Tensor) -> _Plan:
     """Plan from ``sgmv_*`` segment metadata, without expanding it to a per-token index.
 
     Upstream ignores ``b_seq_start_loc`` and explodes the segments with ``repeat_interleave``, i.e.
     segment ``k`` covers the rows after segments ``0..k-1``; that is the rule kept here (vLLM's
     ``compute_meta`` makes the start offsets equal those cumulative sums anyway).
     """
-    return _plan(lora_indices_tensor.tolist(), seq_len_tensor.tolist(), lora_indices_tensor.device)
+    return _plan(_without_empty(lora_indices_tensor.tolist(), weights), seq_len_tensor.tolist(),
+                 lora_indices_tensor.device)
+
+
+# ---- adapters that leave a layer out -------------------------------------------------------------
+# vLLM wraps every supported projection of every layer with LoRA, but an adapter usually trains a
+# few of them (PEFT's default for Llama is q_proj and v_proj; ragtune's bench adapters q, v, o): for
+# a module the adapter lacks, vLLM zeroes that adapter's slot (``reset_lora``), and for a merged
+# qkv the missing slices. Multiplying by those zeros was half of an 8-adapter mix's LoRA work
+# (gate_up and down: 6 of the 14 op calls per layer). So after each adapter activation (the only
+# place vLLM writes the stacked weights) every stacked tensor is tagged with the slots whose weights
+# are not all zero; an op treats the other slots like base rows (no contribution: never
+# multiplied), and a linear layer none of whose slices has a live slot in the batch is skipped
+# before vLLM allocates its buffers. A tensor without the tag (not from a manager activation) is
+# multiplied for every slot, as before.
+_LIVE_ATTR = "_ragtune_live_slots"
+
+
+def _without_empty(slots: list[int], weights: torch.Tensor) -> list[int]:
+    """``slots`` with every slot whose weights in ``weights`` are all zero replaced by -1."""
+    live = getattr(weights, _LIVE_ATTR, None)
+    if live is None or all(s < 0 or s in live for s in slots):
+        return slots
+    return [s if s in live else -1 for s in slots]
+
+
+def mark_live_slots(modules) -> None:
+    """Tag each LoRA layer's stacked A/B tensors with the slots that hold nonzero weights."""
+    for module in modules:
+        for name in ("lora_a_stacked", "lora_b_stacked"):
+            stacked = getattr(module, name, None)
+            for tensor in stacked if isinstance(stacked, tuple | list) else (stacked,):
+                if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2:
+                    live = tensor.flatten(1).ne(0).any(dim=1).nonzero().flatten().tolist()
+                    setattr(tensor, _LIVE_ATTR, frozenset(live))
+
+
+def _live_in_batch(weights: torch.Tensor, batch_slots: list[int]) -> bool:
+    live = getattr(weights, _LIVE_ATTR, None)
+    return live is None or any(s in live for s in batch_slots)
+
+
+def _patch_lora_manager() -> None:
+    from vllm.lora.model_manager import LoRAModelManager
+
+    activate = LoRAModelManager.activate_adapter
+    if getattr(activate, _PATCHED_ATTR, False):
+        return
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        changed = activate(self, lora_id)
+        if changed:
+            mark_live_slots(self.modules.values())
+        return changed
+
+    setattr(activate_adapter, _PATCHED_ATTR, True)
+    LoRAModelManager.activate_adapter = activate_adapter
+
+
+def _patch_punica_cpu() -> None:
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    add_lora_linear = PunicaWrapperCPU.add_lora_linear
+    if getattr(add_lora_linear, _PATCHED_ATTR, False):
+        return
+
+    def add_lora_linear_skipping_empty(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs):
+        if self.is_prefill:  # V1 on CPU: always (see the module docstring); the per-batch slots are at hand
+            slots = self.prefill_metadata[2].tolist()
+            if not any(_live_in_batch(a, slots) and _live_in_batch(b, slots)
+                       for a, b in zip(lora_a_stacked, lora_b_stacked, strict=True)):
+                return None  # every slice adds x @ 0 @ 0: y is already the answer (CPU updates in place)
+        return add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
+
+    setattr(add_lora_linear_skipping_empty, _PATCHED_ATTR, True)
+    PunicaWrapperCPU.add_lora_linear = add_lora_linear_skipping_empty
 
 
 def _as_3d(weights: torch.Tensor) -> torch.Tensor:
@@ -354,32 +434,33 @@ def _expand_slice(inputs, lora_b_weights, output_tensor, plan: _Plan, slice_offs
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
     """``output[:, :rank] = scaling * inputs @ A[slot].T`` per row; 0 for rows with a negative slot."""
-    _shrink(inputs, lora_a_weights, output_tensor, _token_plan(lora_indices_tensor), scaling)
+    _shrink(inputs, lora_a_weights, output_tensor, _token_plan(lora_indices_tensor, lora_a_weights), scaling)
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
     """``output[:, :common_len] (+)= inputs @ B[slot].T`` per row; no contribution for negative slots."""
-    _expand(inputs, lora_b_weights, output_tensor, _token_plan(lora_indices_tensor), add_inputs)
+    _expand(inputs, lora_b_weights, output_tensor, _token_plan(lora_indices_tensor, lora_b_weights), add_inputs)
 
 
 def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
                       slice_size: int, add_inputs: bool = True):
     """``output[:, offset:offset+size] (+)= inputs @ B[slot].T`` per row; none for negative slots."""
-    _expand_slice(inputs, lora_b_weights, output_tensor, _token_plan(lora_indices_tensor), slice_offset,
+    _expand_slice(inputs, lora_b_weights, output_tensor, _token_plan(lora_indices_tensor, lora_b_weights),
+                  slice_offset,
                   slice_size, add_inputs)
 
 
 def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches: int, max_seq_length: int, token_nums: int, scaling: float):
     """Segment form of :func:`bgmv_shrink` (one slot per run of ``seq_len_tensor[k]`` rows)."""
-    _shrink(inputs, lora_a_weights, output_tensor, _segment_plan(seq_len_tensor, lora_indices_tensor),
+    _shrink(inputs, lora_a_weights, output_tensor, _segment_plan(seq_len_tensor, lora_indices_tensor, lora_a_weights),
             scaling)
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches: int, max_seq_length: int, token_nums: int, add_inputs: bool = False):
     """Segment form of :func:`bgmv_expand`."""
-    _expand(inputs, lora_b_weights, output_tensor, _segment_plan(seq_len_tensor, lora_indices_tensor),
+    _expand(inputs, lora_b_weights, output_tensor, _segment_plan(seq_len_tensor, lora_indices_tensor, lora_b_weights),
             add_inputs)
 
 
@@ -387,7 +468,8 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
                       lora_indices_tensor, batches: int, max_seq_length: int, token_nums: int,
                       slice_offset: int, slice_size: int, add_inputs: bool = False):
     """Segment form of :func:`bgmv_expand_slice`."""
-    _expand_slice(inputs, lora_b_weights, output_tensor, _segment_plan(seq_len_tensor, lora_indices_tensor),
+    _expand_slice(inputs, lora_b_weights, output_tensor,
+                  _segment_plan(seq_len_tensor, lora_indices_tensor, lora_b_weights),
                   slice_offset, slice_size, add_inputs)
 
 
@@ -423,3 +505,5 @@ def register() -> None:
         if not getattr(module, _PATCHED_ATTR, False):
             setattr(module, _PATCHED_ATTR, True)
             logger.debug("ragtune: grouped, masked CPU LoRA ops installed in %s", name)
+    _patch_lora_manager()
+    _patch_punica_cpu()

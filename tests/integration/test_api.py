@@ -82,6 +82,50 @@ def test_mixed_lora_batch_matches_solo_runs(client, aclient):
         assert text == solo[(model, prompt)], f"{model} differs in a mixed batch"
 
 
+def _hf_greedy(tiny_model, adapter_dir, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    """Greedy token ids from transformers (+ PEFT for an adapter), fp32, one prompt at a time."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            generated = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens,
+                                       pad_token_id=tokenizer.eos_token_id)
+            out.append(generated[0, ids.shape[1]:].tolist())
+    return out
+
+
+def test_mixed_batch_tokens_equal_transformers_and_peft(tiny_model, adapter_dirs, server):
+    """Token for token, the served answers in one mixed batch (base rows and two adapters, whose
+    bench-style adapters train q, v and o only, so the grouped ops skip the slots and layers they
+    leave empty) equal transformers alone for the base model and transformers + PEFT per adapter."""
+    max_tokens = 12
+    expected = {(m, p): ids for m, d in (("tiny-llama", None), ("alpha", adapter_dirs["alpha"]),
+                                          ("beta", adapter_dirs["beta"]))
+                for p, ids in zip(PROMPTS, _hf_greedy(tiny_model, d, PROMPTS, max_tokens), strict=True)}
+
+    async def served():  # its own client: a pooled connection of another test's event loop is dead here
+        jobs = list(expected)
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="admin-key", max_retries=0)
+        outs = await asyncio.gather(*(aclient.completions.create(
+            model=m, prompt=p, temperature=0, max_tokens=max_tokens, extra_body={"return_token_ids": True,
+                                                                                   "ignore_eos": True})
+            for m, p in jobs))
+        return {job: out.choices[0].model_extra["token_ids"] for job, out in zip(jobs, outs, strict=True)}
+
+    got = asyncio.run(served())
+    assert expected[("alpha", PROMPTS[0])] != expected[("tiny-llama", PROMPTS[0])], "the adapter must change tokens"
+    for job, ids in expected.items():
+        assert got[job] == ids, f"{job}: served {got[job]} vs transformers/PEFT {ids}"
+
+
 def test_models_lists_base_and_adapters(server):
     data = server.get("/v1/models", headers={"Authorization": "Bearer globex-key"}).json()["data"]
     by_id = {m["id"]: m for m in data}

@@ -260,7 +260,7 @@ def test_both_paths_match_per_row_reference(monkeypatch, path, dtype, mix):
     took_bmm = []
     for n, slots in ((16, 8), (40, 3), (5, 5)):
         idx = _indices(mix, n, slots, gen)
-        took_bmm.append(vp._token_plan(idx).batched is not None)
+        took_bmm.append(vp._token_plan(idx, torch.empty(0)).batched is not None)
         x = torch.randn(n, 64, generator=gen).to(dtype)
         a = _stacked(slots, 8, 64, dtype, True, gen)
         b = _stacked(slots, 48, 8, dtype, False, gen)
@@ -394,6 +394,80 @@ def test_punica_cpu_wrapper_uses_patched_ops():
         offset += size
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(y[idx < 0], y0[idx < 0])
+
+
+def _qkv_case(gen: torch.Generator):
+    """A merged q/k/v layer through a real PunicaWrapperCPU, 3 slots, metadata from a LoRAMapping."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    lora_ids, per_request, tokens = [11, 12, 13], [12, 0, 11, 13, 0, 12, 12], [5, 3, 1, 1, 4, 1, 2]
+    index_mapping = [rid for rid, t in zip(per_request, tokens, strict=True) for _ in range(t)]
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=16, device="cpu")
+    wrapper.update_metadata(LoRAMapping(index_mapping, per_request, is_prefill=True), [*lora_ids, None], 4, 1000)
+    slot_of = {0: -1, **{rid: k for k, rid in enumerate(lora_ids)}}
+    idx = torch.tensor([slot_of[r] for r in index_mapping])
+    n, hidden, rank, slices = len(index_mapping), 64, 8, (64, 32, 32)
+    x = torch.randn(n, hidden, generator=gen)
+    a = tuple(torch.randn(4, 1, rank, hidden, generator=gen) / 8 for _ in slices)
+    b = tuple(torch.randn(4, 1, size, rank, generator=gen) / 3 for size in slices)
+    return wrapper, idx, x, a, b, slices
+
+
+class _Layer:
+    """What ``mark_live_slots`` reads off a vLLM LoRA layer: its stacked A and B tensors."""
+
+    def __init__(self, a, b):
+        self.lora_a_stacked, self.lora_b_stacked = a, b
+
+
+def test_slots_an_adapter_leaves_empty_are_never_multiplied_and_the_answer_is_unchanged():
+    """vLLM zeroes an adapter's slot in layers it does not train (here: slot 1 of the k slice, and
+    slot 2 everywhere but q); tagged by ``mark_live_slots``, those slots take the base-row path."""
+    vp.register()
+    wrapper, idx, x, a, b, slices = _qkv_case(torch.Generator().manual_seed(5))
+    for k in (1, 2):
+        a[k][2].zero_()
+        b[k][2].zero_()
+    a[1][1].zero_()
+    b[1][1].zero_()
+    vp.mark_live_slots([_Layer(a, b)])
+    assert [getattr(t, vp._LIVE_ATTR) for t in a] == [{0, 1, 2, 3}, {0, 3}, {0, 1, 3}]  # slot 3: random, unused
+    plan = vp._segment_plan(*_segments(idx)[1:3], a[1])
+    assert {slot for slot, _ in plan.groups()} == {0}, "only slot 0 of the k slice is multiplied"
+
+    y0 = torch.randn(idx.numel(), sum(slices), generator=torch.Generator().manual_seed(6))
+    y = y0.clone()
+    wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
+    expected, offset = y0.double().clone(), 0
+    for k, size in enumerate(slices):
+        shrunk = _per_row(x, a[k], idx, torch.float32)
+        expected[:, offset : offset + size] += _per_row(shrunk.float(), b[k], idx, torch.float32)
+        offset += size
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_with_no_live_slot_in_the_batch_is_skipped_whole(monkeypatch):
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    vp.register()
+    wrapper, idx, x, a, b, slices = _qkv_case(torch.Generator().manual_seed(7))
+    for tensor in (*a, *b):
+        tensor[:3].zero_()  # the batch uses slots 0-2: an adapter mix none of whose adapters trains this layer
+    vp.mark_live_slots([_Layer(a, b)])
+
+    def untouchable(*args, **kwargs):
+        raise AssertionError("no LoRA op may run for a layer without live slots")
+
+    monkeypatch.setattr(punica_cpu, "sgmv_shrink", untouchable)
+    y0 = torch.randn(idx.numel(), sum(slices))
+    y = y0.clone()
+    wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
+    assert torch.equal(y, y0)
+    for tensor in (*a, *b):
+        delattr(tensor, vp._LIVE_ATTR)  # untagged: every slot is multiplied again, as upstream
+    with pytest.raises(AssertionError, match="no LoRA op"):
+        wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
 
 
 # --- register() -----------------------------------------------------------------------------------------
