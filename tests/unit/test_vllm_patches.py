@@ -362,40 +362,6 @@ def test_upstream_applies_the_last_slot_to_base_rows(upstream, slots):
 
 
 @pytest.mark.usefixtures("restore_vllm_modules")
-def test_punica_cpu_wrapper_uses_patched_ops():
-    """add_lora_linear on a merged q/k/v layer through vLLM's PunicaWrapperCPU, metadata from a real
-    LoRAMapping (V1 marks every step is_prefill → the sgmv path), equals the per-row reference."""
-    from vllm.lora.layers.utils import LoRAMapping
-    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
-
-    vp.register()
-    gen = torch.Generator().manual_seed(3)
-    lora_ids = [11, 12, 13]  # slot k holds LoRA id lora_ids[k]; id 0 = base model
-    per_request = [12, 0, 11, 13, 0, 12, 12]
-    tokens = [5, 3, 1, 1, 4, 1, 2]  # prompt chunks and single decode tokens, mixed
-    index_mapping = [rid for rid, t in zip(per_request, tokens, strict=True) for _ in range(t)]
-    wrapper = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=16, device="cpu")
-    wrapper.update_metadata(LoRAMapping(index_mapping, per_request, is_prefill=True), [*lora_ids, None], 4, 1000)
-    slot_of = {0: -1, **{rid: k for k, rid in enumerate(lora_ids)}}
-    idx = torch.tensor([slot_of[r] for r in index_mapping])
-
-    n, hidden, rank, slices = len(index_mapping), 64, 8, (64, 32, 32)
-    x = torch.randn(n, hidden, generator=gen)
-    a = tuple(torch.randn(4, 1, rank, hidden, generator=gen) / 8 for _ in slices)
-    b = tuple(torch.randn(4, 1, size, rank, generator=gen) / 3 for size in slices)
-    y0 = torch.randn(n, sum(slices), generator=gen)
-    y = y0.clone()
-    wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
-
-    expected, offset = y0.double().clone(), 0
-    for k, size in enumerate(slices):
-        shrunk = _per_row(x, a[k], idx, torch.float32)
-        expected[:, offset : offset + size] += _per_row(shrunk.float(), b[k], idx, torch.float32)
-        offset += size
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(y[idx < 0], y0[idx < 0])
-
-
 def _qkv_case(gen: torch.Generator):
     """A merged q/k/v layer through a real PunicaWrapperCPU, 3 slots, metadata from a LoRAMapping."""
     from vllm.lora.layers.utils import LoRAMapping
@@ -421,6 +387,29 @@ class _Layer:
         self.lora_a_stacked, self.lora_b_stacked = a, b
 
 
+def _qkv_expected(y0, x, a, b, idx, slices) -> torch.Tensor:
+    """``y0`` plus every slice's per-row LoRA product, in float64."""
+    expected, offset = y0.double().clone(), 0
+    for k, size in enumerate(slices):
+        shrunk = _per_row(x, a[k], idx, torch.float32)
+        expected[:, offset : offset + size] += _per_row(shrunk.float(), b[k], idx, torch.float32)
+        offset += size
+    return expected
+
+
+def test_punica_cpu_wrapper_uses_patched_ops():
+    """add_lora_linear on a merged q/k/v layer through vLLM's PunicaWrapperCPU, metadata from a real
+    LoRAMapping (V1 marks every step is_prefill → the sgmv path), equals the per-row reference."""
+    vp.register()
+    gen = torch.Generator().manual_seed(3)
+    wrapper, idx, x, a, b, slices = _qkv_case(gen)
+    y0 = torch.randn(idx.numel(), sum(slices), generator=gen)
+    y = y0.clone()
+    wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
+    torch.testing.assert_close(y.double(), _qkv_expected(y0, x, a, b, idx, slices), rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[idx < 0], y0[idx < 0])
+
+
 def test_slots_an_adapter_leaves_empty_are_never_multiplied_and_the_answer_is_unchanged():
     """vLLM zeroes an adapter's slot in layers it does not train (here: slot 1 of the k slice, and
     slot 2 everywhere but q); tagged by ``mark_live_slots``, those slots take the base-row path."""
@@ -439,12 +428,7 @@ def test_slots_an_adapter_leaves_empty_are_never_multiplied_and_the_answer_is_un
     y0 = torch.randn(idx.numel(), sum(slices), generator=torch.Generator().manual_seed(6))
     y = y0.clone()
     wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
-    expected, offset = y0.double().clone(), 0
-    for k, size in enumerate(slices):
-        shrunk = _per_row(x, a[k], idx, torch.float32)
-        expected[:, offset : offset + size] += _per_row(shrunk.float(), b[k], idx, torch.float32)
-        offset += size
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), _qkv_expected(y0, x, a, b, idx, slices), rtol=1e-5, atol=1e-5)
 
 
 def test_a_layer_with_no_live_slot_in_the_batch_is_skipped_whole(monkeypatch):
