@@ -56,8 +56,7 @@ def to_ragtune_error(exc: BaseException, request_id: str | None = None) -> Ragtu
         return InvalidRequestError(f"Request body is not valid JSON: {exc}", code="invalid_json")
     if _engine_down(exc):
         logger.warning("request %s: engine unavailable: %s", request_id, type(exc).__name__)
-        return OverloadedError("The model replica is unavailable (restarting); retry later.", status=503,
-                               retry_after=5, code="engine_unavailable")
+        return engine_unavailable()
     if isinstance(exc, BackPressureError):
         return OverloadedError("The server is overloaded (queue full); retry later.", status=503, retry_after=1)
     if isinstance(exc, HTTPException):
@@ -66,6 +65,12 @@ def to_ragtune_error(exc: BaseException, request_id: str | None = None) -> Ragtu
         return err
     logger.error("request %s failed: %s", request_id, type(exc).__name__, exc_info=exc)
     return RagtuneError(f"Internal server error (request id {request_id}).", code="internal_error")
+
+
+def engine_unavailable() -> OverloadedError:
+    """The 503 for a dead or restarting engine: retryable, with ``Retry-After``."""
+    return OverloadedError("The model replica is unavailable (restarting); retry later.", status=503,
+                           retry_after=5, code="engine_unavailable")
 
 
 def _engine_down(exc: BaseException) -> bool:

@@ -21,9 +21,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.errors import InvalidRequestError, OverloadedError, RagtuneError
+from cluster.errors import InvalidRequestError, RagtuneError
 from serve.config import EngineConfig
 from serve.context import context_block, document_block, neutralise_chat, rag_prompt, with_context
+from serve.errors import engine_unavailable
 from serve.protocol import Prelude, Route
 from serve.registry import open_registry
 from serve.vllm_args import typed_sections
@@ -196,7 +197,7 @@ class LLMServer:
 
         request.request_id = route.request_id
         if self._recovering():
-            yield _restarting_error()
+            yield engine_unavailable()
             return
         try:
             await self._bind(request, route)
@@ -285,14 +286,14 @@ class LLMServer:
     async def tokenize(self, request, route: Route):
         """``/tokenize`` (vLLM's ``ServingTokenization``)."""
         if self._recovering():
-            raise _restarting_error()
+            raise engine_unavailable()
         await self._bind(request, route)
         return await self._state.serving_tokenization.create_tokenize(request, None)
 
     async def detokenize(self, request, route: Route):
         """``/detokenize``."""
         if self._recovering():
-            raise _restarting_error()
+            raise engine_unavailable()
         await self._bind(request, route)
         return await self._state.serving_tokenization.create_detokenize(request, None)
 
@@ -311,9 +312,9 @@ class LLMServer:
         """
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self._restarting:
+            return
         if self._restart is not None:
-            if not self._restart.done():
-                return
             failure = self._restart.exception()
             self._restart = None
             if failure is not None:
@@ -327,10 +328,14 @@ class LLMServer:
         """True while the engine is being rebuilt (starting one if it just died)."""
         if self._restart is None and self._engine is not None and self._engine.errored:
             self._begin_restart()
+        return self._restarting
+
+    @property
+    def _restarting(self) -> bool:
         return self._restart is not None and not self._restart.done()
 
     def _begin_restart(self) -> None:
-        if self._restart is not None and not self._restart.done():
+        if self._restarting:
             return
         if self._restarted_at is not None and time.monotonic() - self._restarted_at < _RESTART_COOLDOWN_S:
             self._exit(f"the engine died again within {_RESTART_COOLDOWN_S:.0f} s of an in-replica restart")
@@ -361,8 +366,8 @@ class LLMServer:
         What ``/health`` asks: it only reports (a 503 while the engine is dead or restarting);
         ``check_health``, Serve's hook on its own period, does the recovering.
         """
-        if self._restart is not None and not self._restart.done():
-            raise _restarting_error()
+        if self._restarting:
+            raise engine_unavailable()
         if self._engine is not None:
             await self._engine.check_health()
 
@@ -376,11 +381,6 @@ class LLMServer:
         engine = getattr(self, "_engine", None)
         if engine is not None and hasattr(engine, "shutdown"):
             engine.shutdown()
-
-
-def _restarting_error() -> OverloadedError:
-    return OverloadedError("The model engine is restarting after a failure; retry later.", status=503,
-                           retry_after=5, code="engine_unavailable")
 
 
 def _fit_count(budget: int, blocks: list[int]) -> int:
