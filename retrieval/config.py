@@ -197,7 +197,9 @@ class SearchConfig(StrictModel):
     rrf_k: int = Field(default=60, ge=1, le=16_384, description="RRF smoothing constant k in 1/(k + rank).")
     batch_max_size: int = Field(default=32, ge=1, le=1024, description="Most queries embedded in one call.")
     batch_wait_timeout_s: float = Field(
-        default=0.01, ge=0, le=5, description="Seconds to wait for more queries before embedding a batch."
+        default=0.01, ge=0, le=5, description="Seconds an idle batcher's first query waits for more, when the "
+        "previous batch held several (under load); after a lone query the next starts at once, and queries "
+        "arriving while a batch runs always go in the next one."
     )
 
     @model_validator(mode="after")

@@ -3,9 +3,9 @@
 Holds an embedder and a store (both injectable), searches with the tenant's scope, and exposes
 document upserts/deletes for the live-update endpoints.
 
-**Batched retrieval.** Concurrent ``retrieve`` calls are collected (``retrieval.batching``:
-``serve.batch`` inside a replica) into one batch: one embedder call for every query of the
-batch, then one store search per group of queries that share collection, tenant scope, filter,
+**Batched retrieval.** Concurrent ``retrieve`` calls are collected (``retrieval.batching``: the
+queries that arrive while a batch runs go together in the next; a lone query does not wait for
+company) into one batch: one embedder call for every query of the batch, then one store search per group of queries that share collection, tenant scope, filter,
 ``top_k`` and mode (``ChunkStore.search_many``: one Milvus request with several query vectors),
 the groups concurrently. A query never shares a search with a query of another filter or scope,
 so batching changes no answer. A group whose shared search fails is retried one query at a time,
@@ -115,7 +115,7 @@ class Retriever:
             await asyncio.to_thread(ping)
 
     async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
-        # One model call for every query that arrived within the batch window.
+        # One model call for every query of the batch.
         return await asyncio.to_thread(self.embedder.encode, texts)
 
     async def _search_batch(self, batch: list[_Query]) -> list[list[Chunk] | Exception]:

@@ -374,7 +374,9 @@ class Ingress:
             raise InvalidRequestError("rag is supported on /v1/chat/completions and /v1/completions", param="rag")
         if self.retriever is None:
             raise InvalidRequestError("retrieval is not enabled on this server", param="rag")
+        start = time.perf_counter()
         sources = await retrieve_context(self.retriever, rag, _query(req), principal.owner)
+        self.metrics.retrieval.labels(rag.mode).observe(time.perf_counter() - start)
         route.context = [s["text"] for s in sources]
         return sources
 

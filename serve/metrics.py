@@ -8,6 +8,7 @@ __all__ = ["Metrics"]
 
 # Latency buckets in seconds: CPU TTFTs run from ~10 ms to many seconds under load.
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_RETRIEVAL = (0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)  # tens of ms matter here
 
 
 class Metrics:
@@ -27,6 +28,9 @@ class Metrics:
                              buckets=_LATENCY, registry=r)
         self.e2e = Histogram("ragtune_request_latency_seconds", "End-to-end request latency.", ["model"],
                              buckets=_LATENCY, registry=r)
+        self.retrieval = Histogram("ragtune_rag_retrieval_seconds", "RAG retrieval inside a generation request "
+                                   "(query embedding, search and the hop to the retriever), by search mode.",
+                                   ["mode"], buckets=_RETRIEVAL, registry=r)
         self.prompt_tokens = Counter("ragtune_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.completion_tokens = Counter("ragtune_completion_tokens", "Tokens generated.", ["model"], registry=r)
 

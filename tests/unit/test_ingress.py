@@ -413,6 +413,8 @@ def test_rag_sources_on_the_body(rag_app):
     assert {"id", "document", "source", "score", "text"} <= set(body["sources"][0])
     # The replica got the retrieved texts, best first.
     assert rag_app.replica.routes[-1].context == [s["text"] for s in body["sources"]]
+    text = rag_app.client.get("/metrics", headers=_h()).text
+    assert 'ragtune_rag_retrieval_seconds_count{mode="dense"} 1.0' in text  # the retrieval's own time
 
 
 def test_rag_sources_only_what_fitted(tmp_path, tiny_model, adapter_dirs):

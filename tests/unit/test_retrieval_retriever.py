@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 
 from cluster.errors import InvalidRequestError, NotFoundError
-from retrieval import batching
 from retrieval.batching import MicroBatcher
 from retrieval.config import IngestConfig, RetrievalConfig, SearchConfig
 from retrieval.retriever import Retriever
@@ -121,18 +119,47 @@ def test_micro_batcher_works_across_event_loops_and_propagates_errors():
     assert all(isinstance(r, ValueError) for r in results)
 
 
-def test_serve_batch_is_used_inside_a_replica(monkeypatch):
-    """Inside a replica, make_batcher returns ray.serve.batch; check it batches per instance."""
-    from ray import serve
+def test_micro_batcher_lingers_only_after_a_shared_batch():
+    """Calls arriving during a batch go together next; an idle batcher waits for company only when
+    the previous batch was shared. The 60 s window makes each wait either obvious or absent."""
+    calls, gate = [], None
 
-    replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
-    monkeypatch.setattr(serve, "get_replica_context", lambda: replica)
-    assert batching.in_serve_replica()
+    async def echo(items):
+        calls.append(list(items))
+        if gate is not None:
+            await gate.wait()
+        return items
+
+    batcher = MicroBatcher(echo, max_batch_size=2, wait_timeout_s=60)
+
+    async def scenario():
+        nonlocal gate
+        gate = asyncio.Event()
+        first = asyncio.gather(batcher("a"), batcher("b"))  # full: starts without waiting
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(batcher("c"))  # arrives while [a, b] runs
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await asyncio.wait_for(first, 5) == ["a", "b"]
+        assert await asyncio.wait_for(late, 5) == "c"  # ran alone as soon as [a, b] finished
+        gate = None
+        assert await asyncio.wait_for(batcher("d"), 5) == "d"  # after a lone batch: no 60 s wait
+        await asyncio.wait_for(asyncio.gather(batcher("e"), batcher("f")), 5)
+        lone = asyncio.ensure_future(batcher("g"))  # after a shared batch: waits for company
+        await asyncio.sleep(0.2)
+        assert not lone.done()
+        assert await asyncio.wait_for(asyncio.gather(lone, batcher("h")), 5) == ["g", "h"]
+
+    asyncio.run(scenario())
+    assert calls == [["a", "b"], ["c"], ["d"], ["e", "f"], ["g", "h"]]
+
+
+def test_each_retriever_batches_its_own_queries():
     first, second = FakeEmbedder(), FakeEmbedder()
-    config = RetrievalConfig(search=SearchConfig(batch_wait_timeout_s=0.05), ingest=IngestConfig(show_progress=False))
+    config = RetrievalConfig(search=SearchConfig(batch_wait_timeout_s=5), ingest=IngestConfig(show_progress=False))
+    config = config.model_copy(update={"search": config.search.model_copy(update={"batch_max_size": 3})})
     r1 = Retriever(config, embedder=first, store=InMemoryStore())
     r2 = Retriever(config, embedder=second, store=InMemoryStore())
-    assert not isinstance(r1._embed_one, MicroBatcher)
 
     async def both():
         return await asyncio.gather(*(r.embed(["q1", "q2", "q3"]) for r in (r1, r2)))
