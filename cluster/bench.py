@@ -254,13 +254,19 @@ def rag_overhead_section(ctx: BenchContext) -> list[Row]:
 
     t, top_k, quick = ctx.targets, 3, ctx.mode == "quick"
     headers = {"Authorization": f"Bearer {t.api_key}"} if t.api_key else {}
-    pairs = []  # (rag body, pasted body) per question
-    for question, _doc, _answer in SAMPLE_QUESTIONS:
+    filler = rag_store_chunks(ctx.mode)
+    collection = fill_rag_collection(t.ours_url, headers, filler, ctx.progress) if filler else SAMPLE_COLLECTION
+    size = f"@{filler // 1000}k chunks " if filler else ""
+    pairs, found = [], 0  # (rag body, pasted body) per question; questions whose document was retrieved
+    for question, doc, _answer in SAMPLE_QUESTIONS:
         messages = [{"role": "system", "content": RAG_SYSTEM}, {"role": "user", "content": question}]
-        hits = httpx.post(f"{t.ours_url}/v1/retrieve", timeout=60, headers=headers,
-                          json={"collection": SAMPLE_COLLECTION, "query": question, "top_k": top_k}).json()["data"]
+        r = httpx.post(f"{t.ours_url}/v1/retrieve", timeout=60, headers=headers,
+                       json={"collection": collection, "query": question, "top_k": top_k})
+        r.raise_for_status()
+        hits = r.json()["data"]
+        found += any(h["document"] == doc for h in hits)
         base = {"model": t.ours_model, "max_tokens": 4, "temperature": 0}
-        pairs.append(({**base, "messages": messages, "rag": {"collection": SAMPLE_COLLECTION, "top_k": top_k}},
+        pairs.append(({**base, "messages": messages, "rag": {"collection": collection, "top_k": top_k}},
                       {**base, "messages": with_context(messages, [h["text"] for h in hits], SPECIAL_TOKENS)}))
     rounds = 3 if quick else 10
     rows = []
@@ -286,15 +292,55 @@ def rag_overhead_section(ctx: BenchContext) -> list[Row]:
             rag, pasted = statistics.median(times["rag"]), statistics.median(times["pasted"])
             goal = ("goal <= 30 ms" if c == 1 else "goal <= 1.2×") if phase == "repeated" else "no goal"
             labels = dict(ours_label="rag (retrieved)", peer_label="context pasted in")
-            rows.append(Row("c2_rag_overhead", f"TTFT p50 {phase} @c={c} ({len(times['rag'])} pairs)", rag, pasted,
-                            "ms", better="lower", **labels, note=f"added by RAG: {rag - pasted:+.0f} ms p50 ({goal})"))
+            rows.append(Row("c2_rag_overhead", f"TTFT p50 {phase} {size}@c={c} ({len(times['rag'])} pairs)", rag, pasted,
+                            "ms", better="lower", **labels, note=f"added by RAG: {rag - pasted:+.0f} ms p50 ({goal}); "
+                            f"{found} of {len(pairs)} questions retrieve their document in the top {top_k}"))
             rates = {side: statistics.mean(v) if v else None for side, v in hits.items()}
-            rows.append(Row("c2_rag_overhead", f"prefix-cache hit rate {phase} @c={c}", rates["rag"],
+            rows.append(Row("c2_rag_overhead", f"prefix-cache hit rate {phase} {size}@c={c}", rates["rag"],
                             rates["pasted"], "% prompt tokens", **labels,
                             note="vllm:prefix_cache_hits ÷ queries while that side ran"
                             + ("" if rates["rag"] is not None else "; /metrics has no prefix-cache series")))
         pool.shutdown()
     return rows + [_prefix_cache_agreement(t.ours_url, t.api_key, pairs)]
+
+
+RAG_CHUNKS_ENV = "RAGTUNE_BENCH_RAG_CHUNKS"  # chunks in section c2's collection; 0 = the sample collection alone
+RAG_COLLECTION = "bench-rag"
+
+
+def rag_store_chunks(mode: str) -> int:
+    """Synthetic chunks section c2 adds beside the sample documents: 10k in full mode, none in quick."""
+    raw = os.environ.get(RAG_CHUNKS_ENV, "").strip()
+    if not raw:
+        return 0 if mode == "quick" else 10_000
+    if not raw.isdigit():
+        raise ValueError(f"{RAG_CHUNKS_ENV}={raw!r}: expected a chunk count (0 = the sample collection alone)")
+    return int(raw)
+
+
+def fill_rag_collection(url: str, headers: dict, chunks: int, progress: bool = False) -> str:
+    """The bench tenant's own collection: the sample documents plus ``chunks`` synthetic one-chunk
+    documents (~280 characters, as section d2), written through the documents API the way a client
+    would, so RAG searches a store of that size. Returns the collection name."""
+    import httpx
+    from tqdm import tqdm
+
+    from retrieval.bench import synthetic_documents
+    from retrieval.sample_kb import SAMPLE_KB_DIR
+
+    docs = [{"id": p.name, "text": p.read_text(encoding="utf-8"), "source": p.name}
+            for p in sorted(SAMPLE_KB_DIR.glob("*.md"))]
+    docs += [{"id": d.id, "text": d.text, "source": d.source} for d in synthetic_documents(chunks, 280, seed=5)]
+    step = 500  # well under retrieval.requests.max_documents_per_put (1000)
+    with tqdm(total=len(docs), unit="doc", desc=f"c2: fill {RAG_COLLECTION}", disable=not progress) as bar:
+        for start in range(0, len(docs), step):
+            r = httpx.put(f"{url}/v1/collections/{RAG_COLLECTION}/documents", headers=headers, timeout=600,
+                          json={"documents": docs[start:start + step]})
+            r.raise_for_status()
+            if r.json().get("failed"):
+                raise RuntimeError(f"c2: filling {RAG_COLLECTION} failed for some documents: {r.text[:500]}")
+            bar.update(len(docs[start:start + step]))
+    return RAG_COLLECTION
 
 
 def _completion_text(url: str, body: dict, api_key: str | None) -> str:

@@ -226,6 +226,18 @@ def test_retrieve_sizes(monkeypatch):
         cb.retrieve_sizes("quick")
 
 
+def test_rag_store_chunks(monkeypatch):
+    import cluster.bench as cb
+
+    monkeypatch.delenv(cb.RAG_CHUNKS_ENV, raising=False)
+    assert cb.rag_store_chunks("quick") == 0 and cb.rag_store_chunks("full") == 10_000
+    monkeypatch.setenv(cb.RAG_CHUNKS_ENV, "2000")
+    assert cb.rag_store_chunks("quick") == 2000
+    monkeypatch.setenv(cb.RAG_CHUNKS_ENV, "10k")
+    with pytest.raises(ValueError, match="RAGTUNE_BENCH_RAG_CHUNKS='10k'"):
+        cb.rag_store_chunks("full")
+
+
 def test_ttft_event_parsing_compact_and_spaced_json():
     import cluster.bench as cb
 
