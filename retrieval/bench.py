@@ -8,7 +8,8 @@
   at the same batch size, half before and half after the ingest so machine-load drift hits both.
   ``--part I/P --workdir DIR`` ingests the I-th of P slices of the corpus into one persistent
   collection (pieces that fit a shared machine's lock slots); each part prints its rows and the
-  cumulative ones over the parts done so far. Rows also split the ingest's time: encode (main
+  cumulative ones over the parts done so far; ``--keep --workdir DIR`` keeps a one-piece run's
+  collection in DIR. Rows also split the ingest's time: encode (main
   thread), store writes (writer thread, overlapped), and the rest (chunking, hashing, waiting).
 * ``bench_quality``: hit@k, MRR@k, nDCG@k (``retrieval.quality``) on a labelled set (a folder of
   documents + JSON Lines of ``{"id", "question", "documents": [ids]}``) for chunk sizes, heading
@@ -464,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --scale: encode only this many of the chunk texts raw (default: all)")
     parser.add_argument("--part", default="1/1", metavar="I/P",
                         help="with --scale: ingest the I-th of P slices into DIR from --workdir (kept)")
+    parser.add_argument("--keep", action="store_true",
+                        help="with --scale: ingest into --workdir DIR itself and keep the collection there")
     parser.add_argument("--quality", nargs=2, type=Path, default=None, metavar=("DOCS", "QA_JSONL"),
                         help="only the retrieval-quality comparison on a labelled set")
     parser.add_argument("--compare", type=int, default=None, metavar="CHUNKS",
@@ -495,9 +498,9 @@ def main(argv: list[str] | None = None) -> None:
                                       batch_waits=tuple(float(x) for x in args.batch_wait.split(",") if x.strip()))
     elif args.scale:
         index, parts = (int(x) for x in args.part.split("/"))
-        if parts > 1:
+        if parts > 1 or args.keep:
             if args.workdir is None:
-                parser.error("--part I/P needs --workdir DIR (the collection is kept there across parts)")
+                parser.error("--part I/P and --keep need --workdir DIR (the collection is kept there)")
             rows = bench_ingest_scale(args.workdir, chunks=args.scale, sample=args.sample, part=(index, parts))
         else:
             with tempfile.TemporaryDirectory(prefix="ragtune-bench-", dir=args.workdir) as tmp:

@@ -17,10 +17,13 @@ so a config change re-embeds) is stored on every chunk. On ingest:
 Embedding is batched across documents (``ingest.batch_chunks``) so ingest runs close to the raw
 encode rate of the model, and the store writes run on a writer thread while the next groups encode
 (the model's forward pass releases the GIL; Milvus calls wait on the network). One writer thread
-keeps the writes in input order, each one locked switch of its documents; groups encoded while a
-write is in flight are written together (up to 4 groups), so fewer, larger writes keep up with a
-store that slows down as the collection grows; the writer flushes every 8192 rows, as Milvus Lite
-reads unsealed rows slowly.
+keeps the writes in input order, each one locked switch of its documents. A write carries at least
+1024 rows (``_WRITE_ROWS``; the last one excepted) and, while the previous write is still in flight,
+up to 4 times that: each write costs the store a few reads whose price grows with the collection,
+not with the write (Milvus Lite 3.x runs in this process, in Python: a filtered query copies every
+unsealed row, vector included, and holds the GIL while it does, which stalls the encoder), so fewer,
+larger writes keep the encoder fed; the writer flushes every 8192 rows, as Milvus Lite reads unsealed
+rows slowly.
 """
 
 from __future__ import annotations
@@ -60,7 +63,13 @@ __all__ = ["IngestSummary", "Ingestor", "content_hash", "validate_document"]
 logger = logging.getLogger(__name__)
 
 _GENERATION_CHARS = 12  # hex digits of the content hash in chunk ids: 48 bits tell versions apart
-_MERGE_GROUPS = 4  # encoded groups one store write may carry while the writer catches up
+# Rows one store write carries at least (the last write excepted). Every write is one locked switch
+# (lock rows, a read of the documents' live rows, the upsert, a re-check read); with Milvus Lite each
+# read copies all unsealed rows in Python under the GIL, and the encoder waits for the GIL meanwhile.
+# Measured (bench --scale 20000, 2 cores): 78 writes of ~256 rows cost the store's threads 18-25 s of
+# CPU and the ingest ran at 0.76-0.79x the raw encode; 20 writes of ~1024 rows 9.5 s and 0.86x.
+_WRITE_ROWS = 1024
+_MERGE_WRITES = 4  # write units (max(_WRITE_ROWS, batch_chunks) rows) one write may carry while the writer is busy
 # Rows written before the writer flushes (seals) them. Milvus Lite filters unsealed rows ~30 us a row
 # (measured: any filtered query on 5k unsealed rows 160-260 ms, 6-15 ms once flushed), and every
 # locked switch reads the documents' live rows: without sealing, write cost grows with the collection.
@@ -304,16 +313,18 @@ class Ingestor:
     def _write(self, info: CollectionInfo, pending: list[_Pending], summary: IngestSummary, show: bool) -> None:
         """Encode group after group on this thread; one writer thread stores them, in input order.
 
-        While a write is in flight the next groups keep encoding and are then written together
-        (at most ``_MERGE_GROUPS`` groups in one write): a store that slows down as the
-        collection grows gets fewer, larger writes instead of holding up the encoder. A group whose
-        encode fails fails only its documents; a failed write fails the documents written with it.
+        Encoded groups are written once they hold ``_WRITE_ROWS`` rows (a write unit); while a
+        write is in flight the next groups keep encoding and are then written together (up to
+        ``_MERGE_WRITES`` units in one write): a store that slows down as the collection grows
+        gets fewer, larger writes instead of holding up the encoder. A group whose encode fails
+        fails only its documents; a failed write fails the documents written with it.
         """
         total = sum(len(p.chunks) for p in pending)
         in_flight: tuple[list[_Pending], Future[None]] | None = None
         ready: list[_Pending] = []
         records: list[ChunkRecord] = []
-        merged = 0  # groups in ``ready``
+        unit = max(_WRITE_ROWS, self.config.batch_chunks)  # rows of one write unit
+        units = 0  # full units in ``records``
         unflushed = [0]  # rows written since the last flush (writer thread only)
         with tqdm(total=total, unit="chunk", desc=f"ingest {info.name}", disable=not show or not total) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer") as writer:
@@ -323,13 +334,16 @@ class Ingestor:
                 except Exception as exc:  # one bad batch must not stop the rest
                     self._group_failed(info, group, summary, exc, bar)
                     continue
-                ready, merged = ready + group, merged + 1
-                if in_flight is not None and not in_flight[1].done() and merged < _MERGE_GROUPS:
+                ready += group
+                if len(records) < (units + 1) * unit:
+                    continue  # the unit is not full: encode on
+                units += 1
+                if in_flight is not None and not in_flight[1].done() and units < _MERGE_WRITES:
                     continue  # the writer is busy: encode on, these go with the next write
                 if in_flight is not None:
                     self._collect(info, *in_flight, summary, bar)
                 in_flight = (ready, writer.submit(self._store, info, records, unflushed))
-                ready, records, merged = [], [], 0
+                ready, records, units = [], [], 0
             if in_flight is not None:
                 self._collect(info, *in_flight, summary, bar)
             if ready:

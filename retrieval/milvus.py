@@ -104,6 +104,7 @@ _GRPC_OPTIONS = {"grpc.use_local_subchannel_pool": 1, "grpc.initial_reconnect_ba
 # server's legacy IllegalArgument (5) and ParameterInvalid (1100).
 _INPUT_ERROR_CODES = frozenset({5, 6, 1100})
 _DELETE_BATCH = 256  # ids per delete expression, to keep expressions small
+_SWITCH_READ_BATCH = 1024  # documents per live-rows read of a switch: each read (milvus-lite) copies every unsealed row
 _QUERY_LIMIT = 16_384  # Milvus's largest query limit; beyond it, query_iterator
 _VERIFY_PASSES = 3  # re-checks of a switched document before the write fails (module docstring)
 _MIXED_READS = 3  # reads of one search while a document shows two generations (module docstring)
@@ -316,7 +317,7 @@ class MilvusStore:
     def _switch(self, info: CollectionInfo, docs: list[str], records: Sequence[ChunkRecord]) -> None:
         """The critical section of :meth:`replace_documents` (the caller holds ``docs``' locks)."""
         new_ids = {r.id for r in records}
-        old = [row for row in self._live_rows(info, docs) if str(row["id"]) not in new_ids]
+        old = [row for row in self._live_rows(info, docs, batch=_SWITCH_READ_BATCH) if str(row["id"]) not in new_ids]
         self._client.upsert(info.physical, [_row(info, r) for r in records] + [_tombstone(info, o) for o in old])
         # Only documents that had old rows got tombstones: a new document's switch is the upsert
         # alone (a filtered delete scans the collection; measured ~0.1 s a group at 4k rows).
@@ -324,7 +325,7 @@ class MilvusStore:
         for _ in range(_VERIFY_PASSES):
             # The check costs one filtered id-only query; the write path runs on the ingest writer
             # thread, overlapped with encoding, so it does not touch search latency.
-            stale_ids = [str(row["id"]) for row in self._live_rows(info, docs, ["doc_id"])
+            stale_ids = [str(row["id"]) for row in self._live_rows(info, docs, ["doc_id"], batch=_SWITCH_READ_BATCH)
                          if str(row["id"]) not in new_ids]
             if not stale_ids:
                 return
@@ -367,10 +368,11 @@ class MilvusStore:
             with self.locks.hold(info.physical, batch):
                 self._delete_batched(info, batch, _TOMBSTONE)
 
-    def _live_rows(self, info: CollectionInfo, docs: Sequence[str], fields: list[str] = _COPIED) -> list[dict]:
+    def _live_rows(self, info: CollectionInfo, docs: Sequence[str], fields: list[str] = _COPIED,
+                   batch: int = _DELETE_BATCH) -> list[dict]:
         found: list[dict] = []
-        for start in range(0, len(docs), _DELETE_BATCH):
-            expr = f"{in_list('doc_id', docs[start:start + _DELETE_BATCH])} and {_LIVE}"
+        for start in range(0, len(docs), batch):
+            expr = f"{in_list('doc_id', docs[start:start + batch])} and {_LIVE}"
             # Strong: a lagging read here would leave old chunks live (milvus-lite ignores the level;
             # its reads racing a flush are handled by _switch's re-check).
             rows = self._client.query(info.physical, filter=expr, output_fields=fields, limit=_QUERY_LIMIT,

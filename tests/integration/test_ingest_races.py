@@ -154,6 +154,8 @@ def dying(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(*args, **kwargs)
 setattr(cls, name, dying)
+import retrieval.ingest
+retrieval.ingest._WRITE_ROWS = 1  # one write per group of 8 chunks: the 3rd write falls between groups
 ingestor({uri!r}, Embedder(), batch_chunks=8).ingest({collection!r}, "acme", corpus(2))
 """
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
+import retrieval.ingest
 from retrieval.chunking import Chunker
 from retrieval.config import ChunkingConfig, IngestConfig
 from retrieval.ingest import Ingestor
@@ -12,6 +15,12 @@ from retrieval.testing import FakeEmbedder, InMemoryStore
 from retrieval.types import Document
 
 SMALL = ChunkingConfig(size=60, overlap=10)
+
+
+@pytest.fixture(autouse=True)
+def one_row_writes(monkeypatch):
+    """These tests watch single-document groups move through the writer: no minimum write size."""
+    monkeypatch.setattr(retrieval.ingest, "_WRITE_ROWS", 1)
 
 
 def docs(n: int) -> list[Document]:
@@ -100,8 +109,6 @@ def test_a_failing_write_fails_the_documents_written_with_it():
 
 
 def test_the_writer_flushes_every_flush_rows(monkeypatch):
-    import retrieval.ingest
-
     monkeypatch.setattr(retrieval.ingest, "_FLUSH_ROWS", 5)
     store = InMemoryStore()
     summary = make(store, FakeEmbedder()).ingest("kb", "t1", docs(6))
@@ -112,8 +119,6 @@ def test_the_writer_flushes_every_flush_rows(monkeypatch):
 
 
 def test_a_failed_intermediate_flush_fails_nothing(monkeypatch):
-    import retrieval.ingest
-
     class NoFlush(InMemoryStore):
         calls = 0
 
@@ -127,3 +132,22 @@ def test_a_failed_intermediate_flush_fails_nothing(monkeypatch):
     store = NoFlush()
     summary = make(store, FakeEmbedder()).ingest("kb", "t1", docs(4))
     assert (summary.added, summary.failed) == (4, 0) and NoFlush.calls >= 2
+
+
+class RecordingStore(InMemoryStore):
+    def __init__(self):
+        super().__init__()
+        self.write_rows = []
+
+    def replace_documents(self, info, records):
+        self.write_rows.append(len(records))
+        super().replace_documents(info, records)
+
+
+def test_writes_carry_at_least_write_rows_rows(monkeypatch):
+    monkeypatch.setattr(retrieval.ingest, "_WRITE_ROWS", 10)
+    store = RecordingStore()
+    summary = make(store, FakeEmbedder()).ingest("kb", "t1", docs(12))  # one document (~3 chunks) per group
+    assert sum(store.write_rows) == summary.chunks == len(store.rows["mem_t1_kb"])
+    assert len(store.write_rows) >= 2 and all(n >= 10 for n in store.write_rows[:-1]), store.write_rows
+    assert all(n < 5 * 10 for n in store.write_rows), "a write stops growing at _MERGE_WRITES units"
