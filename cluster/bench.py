@@ -160,20 +160,24 @@ def _ttft_ms(url: str, body: dict, api_key: str | None = None) -> float:
 
     That is the first chunk with delta content or a finish reason: a reply whose first token is
     end-of-turn (or a special token the detokenizer drops) is timed at its finish chunk, not lost.
+    The rest of the stream is read, as a client does: hanging up at the first token would leave the
+    request's remaining decode steps (and its abort) running into the next measurement.
     """
     import time
 
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    start = time.perf_counter()
+    start, first = time.perf_counter(), None
     with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=headers,
                       timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if line.startswith("data: {") and _first_token(line[len("data: "):]):
-                return (time.perf_counter() - start) * 1000
-    raise RuntimeError("stream ended without a token (no content and no finish reason)")
+            if first is None and line.startswith("data: {") and _first_token(line[len("data: "):]):
+                first = (time.perf_counter() - start) * 1000
+    if first is None:
+        raise RuntimeError("stream ended without a token (no content and no finish reason)")
+    return first
 
 
 def _first_token(event: str) -> bool:

@@ -41,6 +41,14 @@ class EmbedderConfig(StrictModel):
         default="auto", description="Torch device; 'auto' picks CUDA when available, else CPU."
     )
     batch_size: int = Field(default=64, ge=1, le=4096, description="Texts per forward pass when encoding.")
+    num_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Torch CPU threads for embedding (process-wide). None = every CPU this process may use. Ray "
+        "sets OMP_NUM_THREADS=1 in a replica that reserves 0 CPUs (the retriever's default on a small box), "
+        "which left a replica's query embedding on one thread.",
+    )
     query_prompt: str | None = Field(
         default=None,
         max_length=1024,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -146,6 +147,22 @@ def resolve_model(name: str) -> str:
     return str(path) if (path / "modules.json").is_file() else name
 
 
+def _cpu_threads(configured: int | None) -> int:
+    """Set torch's intra-op threads to ``configured``, else to every CPU this process may use.
+
+    A Ray worker that reserves 0 CPUs starts with ``OMP_NUM_THREADS=1`` (Ray's default for
+    ``num_cpus=0`` actors), so without this a retriever replica embedded on one thread while vLLM's
+    engine core, a process of its own, has its threads anyway.
+    """
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = configured or usable or 1
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 class Embedder:
     """Encodes texts with a sentence-transformers model.
 
@@ -164,14 +181,15 @@ class Embedder:
         path = resolve_model(self.model_name)
         self._model = SentenceTransformer(path, device=device)
         self.dim: int = int(self._model.get_embedding_dimension())
+        self.threads = _cpu_threads(self.config.num_threads) if self._model.device.type == "cpu" else None
         self.tokenizer: Any = self._model.tokenizer
         self.prompts = resolve_prompts(self.config, dict(getattr(self._model, "prompts", None) or {}), path)
         native = _native_bf16(self._model.device)
         self.query_precision = resolve_precision(self.config.query_precision, self._model.device.type, native)
         self.document_precision = resolve_precision(self.config.document_precision, self._model.device.type, native)
-        logger.info("embedder %s loaded from %s (dim %d, device %s; prompts: %s; precision: queries %s, "
-                    "documents %s)", self.model_name, path, self.dim, self._model.device, self.prompts.origin,
-                    self.query_precision, self.document_precision)
+        logger.info("embedder %s loaded from %s (dim %d, device %s, threads %s; prompts: %s; precision: queries %s, "
+                    "documents %s)", self.model_name, path, self.dim, self._model.device, self.threads,
+                    self.prompts.origin, self.query_precision, self.document_precision)
 
     @property
     def model(self) -> Any:

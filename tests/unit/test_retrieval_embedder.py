@@ -40,3 +40,20 @@ def test_prompt_config_errors_name_the_field():
         EmbedderConfig(query_prompt="x" * 2000)
     with pytest.raises(ValidationError, match="document_prompt"):
         EmbedderConfig(document_prompt=3)
+
+
+def test_cpu_threads_undo_a_forced_single_thread():
+    """A Ray replica with num_cpus=0 starts on one torch thread; the embedder takes the CPUs it may use."""
+    import os
+
+    import torch
+
+    from retrieval.embedder import _cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 leaves
+        assert _cpu_threads(None) == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        assert _cpu_threads(1) == 1 == torch.get_num_threads()  # an explicit setting wins
+    finally:
+        torch.set_num_threads(before)
