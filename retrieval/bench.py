@@ -148,7 +148,7 @@ def scale_corpus(chunks: int, chunker: Chunker, chunk_chars: int = 300) -> tuple
 
 def bench_ingest_scale(workdir: Path, *, chunks: int = 100_000, chunk_chars: int = 300, sample: int | None = None,
                        part: tuple[int, int] = (1, 1), embedder: EmbedderLike | None = None,
-                       progress: bool = True) -> list[Row]:
+                       progress: bool = True, store_server: bool = False) -> list[Row]:
     """Ingest ``chunks`` chunks (synthetic documents of ~4 chunks each) and compare with raw encode.
 
     Args:
@@ -159,12 +159,27 @@ def bench_ingest_scale(workdir: Path, *, chunks: int = 100_000, chunk_chars: int
         part: ``(i, p)``: ingest the i-th (1-based) of p equal slices of the documents.
         embedder: Reuse a loaded embedder (else the configured one is loaded).
         progress: Show the ingest's tqdm bar.
+        store_server: Write to a milvus-lite server process on loopback, as ``ragtune ingest`` and
+            ``ragtune up`` do (``milvus_lite.enabled``), instead of opening the Lite file in this
+            process: milvus-lite is Python, and in-process its queries hold the encoder's GIL.
     """
     index, parts = part
     if not 1 <= index <= parts:
         raise ValueError(f"part {index}/{parts}: need 1 <= i <= p")
     workdir.mkdir(parents=True, exist_ok=True)
-    config = _config(workdir, chunk_chars)
+    if store_server:
+        from cluster.milvus_server import MilvusLiteServer
+        from cluster.processes import free_port
+
+        with MilvusLiteServer(workdir / "milvus-server", port=free_port()) as server:
+            return _ingest_scale(workdir, _config(workdir, chunk_chars).model_copy(update={"milvus": MilvusConfig(
+                uri=server.uri)}), chunks, chunk_chars, sample, part, embedder, progress)
+    return _ingest_scale(workdir, _config(workdir, chunk_chars), chunks, chunk_chars, sample, part, embedder, progress)
+
+
+def _ingest_scale(workdir: Path, config: RetrievalConfig, chunks: int, chunk_chars: int, sample: int | None,
+                  part: tuple[int, int], embedder: EmbedderLike | None, progress: bool) -> list[Row]:
+    index, parts = part
     retriever = Retriever(config, embedder=embedder)
     ingestor, embedder = retriever.ingestor, retriever.embedder
     documents, pieces = scale_corpus(chunks, ingestor.chunker, chunk_chars)
@@ -187,14 +202,15 @@ def bench_ingest_scale(workdir: Path, *, chunks: int = 100_000, chunk_chars: int
     result = {"part": f"{index}/{parts}", "chunks": summary.chunks, "docs": summary.added + summary.updated,
               "failed": summary.failed, "seconds": summary.seconds, "raw_texts": len(probe),
               "raw_seconds": raw_seconds, "encode_s": timers["encode"], "write_s": timers["write"],
-              "write_calls": timers.get("replace_documents_calls", 0), "groups": timers.get("encode_calls", 0)}
+              "write_calls": timers.get("replace_documents_calls", 0), "groups": timers.get("encode_calls", 0),
+              "store": "server" if config.milvus.uri.startswith(("http://", "https://")) else "in-process"}
     rows = _scale_rows("ingest_scale", result)
     if parts > 1:
         log = workdir / "scale-parts.jsonl"
         with log.open("a", encoding="utf-8") as out:
             out.write(json.dumps(result) + "\n")
         done = {r["part"]: r for r in map(json.loads, log.read_text(encoding="utf-8").splitlines())}
-        total = {k: sum(r.get(k, 0) for r in done.values()) for k in result if k != "part"}
+        total = {k: sum(r.get(k, 0) for r in done.values()) for k in result if k not in ("part", "store")}
         rows += _scale_rows("ingest_scale_cumulative", {"part": f"{len(done)}/{parts}", **total})
     return rows
 
@@ -205,7 +221,8 @@ def _scale_rows(bench: str, r: dict[str, Any]) -> list[Row]:
         _row(bench, "raw_encode_rate", raw_rate, "chunks/s", chunks=r["raw_texts"], part=r["part"]),
         _row(bench, "ingest_rate", ingest_rate, "chunks/s", chunks=r["chunks"], docs=r["docs"], failed=r["failed"],
              seconds=round(r["seconds"], 1), part=r["part"]),
-        _row(bench, "ingest_vs_raw", ingest_rate / raw_rate, "ratio", goal=">= 0.9", part=r["part"]),
+        _row(bench, "ingest_vs_raw", ingest_rate / raw_rate, "ratio", goal=">= 0.9", part=r["part"],
+             store=r.get("store", "in-process")),
         _row(bench, "time_split", r["seconds"], "s", encode_s=round(r["encode_s"], 1),
              write_s_overlapped=round(r["write_s"], 1), rest_s=round(r["seconds"] - r["encode_s"], 1),
              groups=r.get("groups"), writes=r.get("write_calls"), part=r["part"]),
@@ -463,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the ingest-at-scale benchmark with this many chunks (e.g. 100000)")
     parser.add_argument("--sample", type=int, default=None, metavar="TEXTS",
                         help="with --scale: encode only this many of the chunk texts raw (default: all)")
+    parser.add_argument("--store-server", action="store_true",
+                        help="with --scale: write to a milvus-lite server process, as `ragtune ingest` does")
     parser.add_argument("--part", default="1/1", metavar="I/P",
                         help="with --scale: ingest the I-th of P slices into DIR from --workdir (kept)")
     parser.add_argument("--keep", action="store_true",
@@ -501,10 +520,12 @@ def main(argv: list[str] | None = None) -> None:
         if parts > 1 or args.keep:
             if args.workdir is None:
                 parser.error("--part I/P and --keep need --workdir DIR (the collection is kept there)")
-            rows = bench_ingest_scale(args.workdir, chunks=args.scale, sample=args.sample, part=(index, parts))
+            rows = bench_ingest_scale(args.workdir, chunks=args.scale, sample=args.sample, part=(index, parts),
+                                      store_server=args.store_server)
         else:
             with tempfile.TemporaryDirectory(prefix="ragtune-bench-", dir=args.workdir) as tmp:
-                rows = bench_ingest_scale(Path(tmp), chunks=args.scale, sample=args.sample)
+                rows = bench_ingest_scale(Path(tmp), chunks=args.scale, sample=args.sample,
+                                          store_server=args.store_server)
     else:
         rows = run(quick=not args.full, workdir=args.workdir)
     for row in rows:

@@ -15,6 +15,9 @@ def test_scale_rows_ratio_and_time_split():
     split = rows["time_split"]
     assert (split["encode_s"], split["write_s_overlapped"], split["rest_s"]) == (11.0, 3.0, 1.5)
     assert (split["groups"], split["writes"], split["part"]) == (4, 3, "2/4")
+    assert rows["ingest_vs_raw"]["store"] == "in-process"
+    served = {r["metric"]: r for r in _scale_rows("ingest_scale", {**result, "store": "server"})}
+    assert served["ingest_vs_raw"]["store"] == "server"  # which store path the ratio was measured on
 
 
 def test_timed_counts_only_the_named_method():
