@@ -338,12 +338,13 @@ def fill_rag_collection(url: str, headers: dict, chunks: int, progress: bool = F
     step = 500  # well under retrieval.requests.max_documents_per_put (1000)
     with tqdm(total=len(docs), unit="doc", desc=f"c2: fill {RAG_COLLECTION}", disable=not progress) as bar:
         for start in range(0, len(docs), step):
+            part = docs[start:start + step]
             r = httpx.put(f"{url}/v1/collections/{RAG_COLLECTION}/documents", headers=headers, timeout=600,
-                          json={"documents": docs[start:start + step]})
+                          json={"documents": part})
             r.raise_for_status()
             if r.json().get("failed"):
                 raise RuntimeError(f"c2: filling {RAG_COLLECTION} failed for some documents: {r.text[:500]}")
-            bar.update(len(docs[start:start + step]))
+            bar.update(len(part))
     return RAG_COLLECTION
 
 

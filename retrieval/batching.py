@@ -22,21 +22,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["MicroBatcher", "make_batcher"]
+__all__ = ["MicroBatcher"]
 
 BatchFn = Callable[[list[Any]], Awaitable[list[Any]]]
-
-
-def make_batcher(fn: BatchFn, max_batch_size: int, wait_timeout_s: float) -> MicroBatcher:
-    """A single-item coroutine function that batches calls into ``fn(list) -> list``.
-
-    Args:
-        fn: Async function mapping a list of items to a list of results of the same length.
-        max_batch_size: Most items per call of ``fn``.
-        wait_timeout_s: How long an idle batcher's first item waits for others, when the previous
-            batch held more than one item.
-    """
-    return MicroBatcher(fn, max_batch_size, wait_timeout_s)
 
 
 class MicroBatcher:

@@ -5,8 +5,8 @@ document upserts/deletes for the live-update endpoints.
 
 **Batched retrieval.** Concurrent ``retrieve`` calls are collected (``retrieval.batching``: the
 queries that arrive while a batch runs go together in the next; a lone query does not wait for
-company) into one batch: one embedder call for every query of the batch, then one store search per group of queries that share collection, tenant scope, filter,
-``top_k`` and mode (``ChunkStore.search_many``: one Milvus request with several query vectors),
+company) into one batch: one embedder call for every query of the batch, then one store search
+per group of queries that share collection, tenant scope, filter, ``top_k`` and mode (``ChunkStore.search_many``: one Milvus request with several query vectors),
 the groups concurrently. A query never shares a search with a query of another filter or scope,
 so batching changes no answer. A group whose shared search fails is retried one query at a time,
 so a query that breaks the search fails alone. Profiled on Milvus Lite, 10k chunks, 16 clients
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.errors import InvalidRequestError, NotFoundError
-from retrieval.batching import make_batcher
+from retrieval.batching import MicroBatcher
 from retrieval.chunking import Chunker
 from retrieval.config import RetrievalConfig
 from retrieval.filters import client_filter
@@ -89,11 +89,11 @@ class Retriever:
         self.embedder, self.store = embedder, store
         tokenizer = getattr(embedder, "tokenizer", None) if self.config.chunking.unit == "token" else None
         self.ingestor = Ingestor(store, embedder, Chunker(self.config.chunking, tokenizer), self.config.ingest)
-        self._embed_one = make_batcher(
+        self._embed_one = MicroBatcher(
             self._embed_batch, self.config.search.batch_max_size, self.config.search.batch_wait_timeout_s
         )
         # Queries get the embedder's query prompt (e5/bge/nomic); /v1/embeddings inputs the document one.
-        self._search_one = make_batcher(
+        self._search_one = MicroBatcher(
             self._search_batch, self.config.search.batch_max_size, self.config.search.batch_wait_timeout_s
         )
         self.reranker = None
