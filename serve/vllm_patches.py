@@ -92,21 +92,25 @@ _PATCHED_ATTR = "_ragtune_masked"
 #   decode steps of interleaved requests, one token each. They are gathered with ONE
 #   ``index_select``, each slot does ONE matmul on its ``[begin:end]`` block of that copy, and ONE
 #   ``index_add_``/``index_copy_`` scatters the result back.
-# - ``batched`` (small batches made only of short runs, i.e. decode): the packed grouping as ONE
-#   ``bmm``. At 16 rows over 8 adapters each matmul is [2, 576] @ [576, 16] — ~3 µs of work under
-#   ~10 µs of per-op dispatch, so a Python loop of 8 matmuls costs ~100 µs per op call, and a step
+# - ``batched`` (at most ``_BATCHED_MAX_ROWS`` short-run rows over 2+ slots: a decode step, or the
+#   decode tokens of a step that also prefills a prompt, the steady state under load, whose long
+#   runs still go in place): the packed grouping as ONE ``bmm``. At 16 rows over 8 adapters each
+#   matmul is [2, 576] @ [576, 16] — ~3 µs of work under ~10 µs of per-op dispatch, so a Python loop of 8 matmuls costs ~100 µs per op call, and a step
 #   makes ~420 calls. Instead the rows are laid out as ``[slots, m, in]`` (``m`` = most rows any
 #   slot has; shorter slots padded with a dummy row whose result is dropped), multiplied by the
 #   stacked weights ``[lo:hi+1]`` — a view, never a gather — in one ``bmm`` and scattered back with
 #   one ``index_add_``/``index_copy_``: ~30 µs per op call. Used only while padding at most doubles
 #   the rows multiplied (+8), so a skewed batch takes the loop.
+#   In the mixed step of ``loadtests/lora_microbench.py`` (15 decode rows + a 256-token prefill over
+#   8 adapters, rank 16, all four LoRA layers) the loop cost 113 ms of LoRA CPU per forward step, the
+#   bmm 87 ms (the layers' own matmuls: 368 ms).
 # ``negatives`` are the rows with a negative slot (no LoRA); they are never multiplied.
 _INPLACE_MIN_ROWS = 16
 _BATCHED_MAX_ROWS = 128  # above this the matmuls dominate and per-op dispatch no longer matters
 
 
 class _Plan:
-    __slots__ = ("batched", "n_rows", "negatives", "packed", "packed_rows", "runs")
+    __slots__ = ("batched", "n_rows", "negatives", "packed", "packed_rows", "runs", "short")
 
     def __init__(self, slots: list[int], lengths: list[int], device: torch.device):
         by_slot: dict[int, list[tuple[int, int]]] = {}
@@ -119,7 +123,9 @@ class _Plan:
         self.runs: list[tuple[int, slice]] = []
         self.negatives: list[slice | torch.Tensor] = []
         self.packed: list[tuple[int, int, int]] = []
-        packed_rows: list[int] = []
+        # Each slot's rows outside long runs; a batch mixing decode tokens and a prefill chunk (the
+        # steady state under load) multiplies these in one bmm and the long runs in place.
+        self.short: dict[int, list[int]] = {}
         for slot, slot_runs in by_slot.items():
             if slot < 0 and len(slot_runs) == 1:
                 first, length = slot_runs[0]
@@ -128,34 +134,39 @@ class _Plan:
                 rows = [r for first, length in slot_runs for r in range(first, first + length)]
                 self.negatives.append(torch.tensor(rows, dtype=torch.long, device=device))
             else:
-                short = []
-                for first, length in slot_runs:
-                    if length >= _INPLACE_MIN_ROWS or len(slot_runs) == 1:
-                        self.runs.append((slot, slice(first, first + length)))
-                    else:
-                        short.append((first, length))
+                short = [r for first, length in slot_runs if length < _INPLACE_MIN_ROWS
+                         for r in range(first, first + length)]
                 if short:
-                    begin = len(packed_rows)
-                    packed_rows.extend(r for first, length in short for r in range(first, first + length))
-                    self.packed.append((slot, begin, len(packed_rows)))
+                    self.short[slot] = short
+        self.batched = self._batched_layout(device)
+        packed_rows: list[int] = []
+        for slot, slot_runs in by_slot.items():
+            if slot < 0:
+                continue
+            short = []
+            for first, length in slot_runs:
+                if length >= _INPLACE_MIN_ROWS or (self.batched is None and len(slot_runs) == 1):
+                    self.runs.append((slot, slice(first, first + length)))
+                elif length < _INPLACE_MIN_ROWS:
+                    short.append((first, length))
+            if short and self.batched is None:
+                begin = len(packed_rows)
+                packed_rows.extend(r for first, length in short for r in range(first, first + length))
+                self.packed.append((slot, begin, len(packed_rows)))
         self.packed_rows = torch.tensor(packed_rows, dtype=torch.long, device=device) if packed_rows else None
-        self.batched = self._batched_layout(by_slot, device)
 
-    def _batched_layout(self, by_slot: dict[int, list[tuple[int, int]]], device: torch.device):
-        """``(lo, hi, gather, keep, rows)`` for the one-``bmm`` path, or None.
+    def _batched_layout(self, device: torch.device):
+        """``(lo, hi, gather, keep, rows)`` for the one-``bmm`` path over the short rows, or None.
 
-        ``gather`` (flattened ``[hi-lo+1, m]``) lists slot ``lo``'s rows, then ``lo+1``'s, ..., each
-        padded to ``m`` with a dummy row; ``keep`` picks the real entries of the flattened
+        ``gather`` (flattened ``[hi-lo+1, m]``) lists slot ``lo``'s short rows, then ``lo+1``'s, ...,
+        each padded to ``m`` with a dummy row; ``keep`` picks the real entries of the flattened
         ``[(hi-lo+1) * m]`` product (None when there is no padding) and ``rows`` are their output
         rows, in the same order.
         """
-        rows_of = {slot: [r for first, length in runs for r in range(first, first + length)]
-                   for slot, runs in by_slot.items() if slot >= 0}
+        rows_of = self.short
         n_valid = sum(len(rows) for rows in rows_of.values())
-        long_run = any(length >= _INPLACE_MIN_ROWS for slot, runs in by_slot.items() if slot >= 0
-                       for _, length in runs)
-        if not rows_of or self.n_rows > _BATCHED_MAX_ROWS or len(rows_of) == 1 or long_run:
-            return None  # one slot: the loop does a single matmul; a long run: in place is cheaper
+        if len(rows_of) < 2 or n_valid > _BATCHED_MAX_ROWS:
+            return None  # one slot: the loop does a single matmul; many rows: the matmuls dominate
         lo, hi = min(rows_of), max(rows_of)
         m = max(len(rows) for rows in rows_of.values())
         if (hi - lo + 1) * m > 2 * n_valid + 8:
@@ -174,8 +185,12 @@ class _Plan:
 
     def groups(self) -> list[tuple[int, slice | torch.Tensor]]:
         """``(slot, rows)`` for every slot >= 0 (for the dense fallback)."""
-        packed = [(slot, self.packed_rows[begin:end]) for slot, begin, end in self.packed]
-        return [*self.runs, *packed]
+        if self.batched is not None:
+            device = self.batched[2].device
+            short = [(slot, torch.tensor(rows, dtype=torch.long, device=device)) for slot, rows in self.short.items()]
+        else:
+            short = [(slot, self.packed_rows[begin:end]) for slot, begin, end in self.packed]
+        return [*self.runs, *short]
 
 
 # The plan depends only on the run metadata, which is identical for the ~14 LoRA op calls per
@@ -237,15 +252,28 @@ def _without_empty(slots: list[int], weights: torch.Tensor) -> list[int]:
     return [s if s in live else -1 for s in slots]
 
 
-def mark_live_slots(modules) -> None:
-    """Tag each LoRA layer's stacked A/B tensors with the slots that hold nonzero weights."""
+def mark_live_slots(modules, slot: int | None = None) -> None:
+    """Tag each LoRA layer's stacked A/B tensors with the slots that hold nonzero weights.
+
+    With ``slot``, only that slot was rewritten (an activation writes one slot): only its weights are
+    read, and the other slots keep their tags — with more adapters than ``max_loras`` vLLM swaps
+    adapters in and out all the time, and re-reading every slot of every layer on each swap cost
+    ``max_loras`` times the copy it follows. A tensor never tagged is read whole.
+    """
     for module in modules:
         for name in ("lora_a_stacked", "lora_b_stacked"):
             stacked = getattr(module, name, None)
             for tensor in stacked if isinstance(stacked, tuple | list) else (stacked,):
-                if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2:
-                    live = tensor.flatten(1).ne(0).any(dim=1).nonzero().flatten().tolist()
-                    setattr(tensor, _LIVE_ATTR, frozenset(live))
+                if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
+                    continue
+                known = getattr(tensor, _LIVE_ATTR, None)
+                if slot is None or known is None:
+                    live = frozenset(tensor.flatten(1).ne(0).any(dim=1).nonzero().flatten().tolist())
+                elif bool(tensor[slot].ne(0).any()):
+                    live = known | {slot}
+                else:
+                    live = known - {slot}
+                setattr(tensor, _LIVE_ATTR, live)
 
 
 def _live_in_batch(weights: torch.Tensor, batch_slots: list[int]) -> bool:
@@ -263,7 +291,7 @@ def _patch_lora_manager() -> None:
     def activate_adapter(self, lora_id: int) -> bool:
         changed = activate(self, lora_id)
         if changed:
-            mark_live_slots(self.modules.values())
+            mark_live_slots(self.modules.values(), self.lora_index_to_id.index(lora_id))
         return changed
 
     setattr(activate_adapter, _PATCHED_ATTR, True)
@@ -327,15 +355,14 @@ def _apply_grouped(inputs: torch.Tensor, weights: torch.Tensor, out: torch.Tenso
     """
     dtype = out.dtype
     width = out.shape[1]
-    if plan.batched is not None:
-        _apply_batched(inputs, weights, out, plan, add=add, alpha=alpha)
-        return
     beta = 1.0 if add else 0.0  # beta=0: addmm ignores out's old contents (even NaN/inf garbage)
     # _cast(weights[slot, :width], dtype).T is this adapter's [in, out_cols] matrix: a view unless the
     # dtype differs (then out×in elements, e.g. 1536×16, are cast once per adapter, not per row).
     for slot, rows in plan.runs:
         out[rows].addmm_(_cast(inputs[rows], dtype), _cast(weights[slot, :width], dtype).T, beta=beta, alpha=alpha)
-    if plan.packed_rows is not None:
+    if plan.batched is not None:
+        _apply_batched(inputs, weights, out, plan, add=add, alpha=alpha)
+    elif plan.packed_rows is not None:
         packed_in = _cast(inputs.index_select(0, plan.packed_rows), dtype)
         packed_out = torch.empty(packed_in.shape[0], width, dtype=dtype, device=out.device)
         for slot, begin, end in plan.packed:
@@ -351,7 +378,7 @@ def _apply_grouped(inputs: torch.Tensor, weights: torch.Tensor, out: torch.Tenso
 
 def _apply_batched(inputs: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, plan: _Plan, *, add: bool,
                    alpha: float) -> None:
-    """The small-batch form of :func:`_apply_grouped`: every slot's rows in one ``bmm`` (see ``_Plan``)."""
+    """The short rows of :func:`_apply_grouped`, every slot's in one ``bmm`` (see ``_Plan``)."""
     lo, hi, gather, keep, rows = plan.batched
     dtype, width = out.dtype, out.shape[1]
     # [slots, m, in] @ [slots, in, width]: the weights are a view of the stacked tensor (cast only
@@ -370,7 +397,6 @@ def _apply_batched(inputs: torch.Tensor, weights: torch.Tensor, out: torch.Tenso
         out.index_add_(0, rows, product)
     else:
         out.index_copy_(0, rows, product)
-        _zero_rows(out, plan.negatives)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -239,10 +239,15 @@ def test_plans_take_the_intended_path():
     assert prefill.batched is None and prefill.packed_rows is None
     runs = sorted(prefill.runs, key=lambda run: run[1].start)
     assert runs == [(slot, slice(256 * k, 256 * (k + 1))) for k, slot in enumerate(list(range(8)) * 2)]
-    # chunked prefill beside decode tokens: the 100-token chunk in place, the decode tokens packed
+    # chunked prefill beside decode tokens: the 100-token chunk in place, the decode tokens in one bmm
     mixed = vp._plan([0, 1, 0, 1, 2, 1], [1, 1, 1, 1, 100, 1], cpu)
-    assert mixed.batched is None and mixed.runs == [(2, slice(4, 104))]
-    assert [slot for slot, _, _ in mixed.packed] == [0, 1] and mixed.packed_rows.tolist() == [0, 2, 1, 3, 104]
+    assert mixed.runs == [(2, slice(4, 104))] and mixed.packed_rows is None
+    lo, hi, gather, keep, rows = mixed.batched
+    assert (lo, hi, rows.tolist()) == (0, 1, [0, 2, 1, 3, 104])
+    # ... and packed, one matmul per adapter, when they are too many for the bmm
+    many = vp._plan([0, 1] * 80 + [2], [1] * 160 + [100], cpu)
+    assert many.batched is None and many.runs == [(2, slice(160, 260))]
+    assert [slot for slot, _, _ in many.packed] == [0, 1] and len(many.packed_rows) == 160
     sorted_prefill = vp._plan([-1, *range(8)], [256] * 9, torch.device("cpu"))
     assert sorted_prefill.packed_rows is None and len(sorted_prefill.runs) == 8
     assert sorted_prefill.negatives == [slice(0, 256)]
@@ -277,6 +282,33 @@ def test_both_paths_match_per_row_reference(monkeypatch, path, dtype, mix):
             if add:
                 assert torch.equal(y[idx < 0], initial[idx < 0])
     assert any(took_bmm) == (path == "batched"), took_bmm
+
+
+@pytest.mark.parametrize("path", ["loop", "batched"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_mixing_decode_tokens_and_a_prefill_matches_per_row_reference(monkeypatch, path, dtype):
+    """15 decode tokens of 5 adapters and base, interleaved, beside a 40-token prefill and a base prompt."""
+    monkeypatch.setattr(vp, "_PLAN_CACHE", type(vp._PLAN_CACHE)())
+    monkeypatch.setattr(vp, "_BATCHED_MAX_ROWS", 0 if path == "loop" else 128)
+    gen = torch.Generator().manual_seed(5)
+    decode = [0, 1, -1, 2, 3, 4, 0, 1, -1, 2, 3, 4, 0, 1, 2]
+    idx = torch.tensor(decode[:7] + [3] * 40 + decode[7:] + [-1] * 20)
+    plan = vp._token_plan(idx, torch.empty(0))
+    assert plan.runs[0] == (3, slice(7, 47)) and (plan.batched is not None) == (path == "batched")
+    n = len(idx)
+    x = torch.randn(n, 64, generator=gen).to(dtype)
+    a = _stacked(5, 8, 64, dtype, True, gen)
+    b = _stacked(5, 48, 8, dtype, False, gen)
+    buffer = torch.full((n, 8), float("nan"))
+    vp.sgmv_shrink(x, a, buffer, *_segments(idx), 0.5)
+    _assert_close(buffer, 0.5 * _per_row(x, a, idx, torch.float32), torch.float32)
+    initial = torch.randn(n, 48, generator=gen).to(dtype)
+    for add in (True, False):
+        y = initial.clone()
+        vp.sgmv_expand(buffer, b, y, *_segments(idx), add_inputs=add)
+        _assert_close(y, _per_row(buffer, b, idx, dtype) + (initial.double() if add else 0), dtype)
+        if add:
+            assert torch.equal(y[idx < 0], initial[idx < 0])
 
 
 # --- same results as vLLM where vLLM is right (every slot >= 0), including its odd row-count cases ---
@@ -429,6 +461,50 @@ def test_slots_an_adapter_leaves_empty_are_never_multiplied_and_the_answer_is_un
     y = y0.clone()
     wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
     torch.testing.assert_close(y.double(), _qkv_expected(y0, x, a, b, idx, slices), rtol=1e-5, atol=1e-5)
+
+
+def test_an_activation_rereads_only_the_slot_it_wrote():
+    """vLLM swaps adapters in and out when more are in use than ``max_loras``: the tag follows the
+    rewritten slot (it becomes live, or empty) and the other slots keep theirs, unread."""
+    gen = torch.Generator().manual_seed(8)
+    a = (torch.randn(4, 1, 8, 64, generator=gen),)
+    b = (torch.randn(4, 1, 64, 8, generator=gen),)
+    a[0][1].zero_()
+    layer = _Layer(a, b)
+    vp.mark_live_slots([layer])
+    assert getattr(a[0], vp._LIVE_ATTR) == {0, 2, 3}
+    a[0][1].normal_(generator=gen)  # an adapter that trains this layer goes into slot 1 ...
+    a[0][3].zero_()  # ... and slot 3 is changed behind the tag's back: with slot=1 it is not re-read
+    vp.mark_live_slots([layer], slot=1)
+    assert getattr(a[0], vp._LIVE_ATTR) == {0, 1, 2, 3}
+    a[0][2].zero_()  # one that does not goes into slot 2
+    vp.mark_live_slots([layer], slot=2)
+    assert getattr(a[0], vp._LIVE_ATTR) == {0, 1, 3}
+    assert getattr(b[0], vp._LIVE_ATTR) == {0, 1, 2, 3}
+
+
+def test_the_manager_hook_tags_the_activated_slot():
+    """Through vLLM's own ``LoRAModelManager.activate_adapter``: the slot vLLM chose is re-tagged."""
+    from vllm.lora.model_manager import LoRAModelManager
+
+    vp.register()
+    a = (torch.zeros(2, 1, 8, 64),)
+    layer = _Layer(a, (torch.zeros(2, 1, 64, 8),))
+    vp.mark_live_slots([layer])
+
+    class Manager:  # the state activate_adapter reads and writes, and a module whose set_lora fills the slot
+        lora_index_to_id = [None, None]
+        _active_adapters: dict = {}
+        _registered_adapters = {7: type("LoRAModel", (), {"id": 7})()}
+        modules = {"layer": layer}
+
+        def _get_lora_layer_weights(self, model, name):
+            a[0][0].fill_(1.0)  # written where vLLM would copy the adapter's A
+            return None  # → reset_lora below; the fill stands for set_lora's copy
+
+    layer.reset_lora = lambda index: None
+    assert LoRAModelManager.activate_adapter(Manager(), 7) is True
+    assert getattr(a[0], vp._LIVE_ATTR) == {0}
 
 
 def test_a_layer_with_no_live_slot_in_the_batch_is_skipped_whole(monkeypatch):
