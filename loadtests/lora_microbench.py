@@ -8,7 +8,8 @@ implementation of the ops bound into ``vllm.lora.punica_wrapper.punica_cpu``:
 - ``upstream``: vLLM 0.32 as shipped (``weights[indices]`` per token row + einsum; wrong for base rows).
 - ``masked``: ragtune's first fix (commit 80db0c5, copied below): the same per-row gather, with the
   index clamped and base rows multiplied by 0.
-- ``grouped``: ``serve/vllm_patches.py`` now: one matmul per adapter present.
+- ``grouped``: ``serve/vllm_patches.py`` now: one matmul per adapter present, and the whole layer
+  (all its slices) in one pass where the plugin replaces ``add_lora_linear`` (``lora_linear``).
 
 Shapes are SmolLM2-135M's (``data/models/smollm2-135m-instruct/config.json``: hidden 576, 9 query
 heads and 3 KV heads of 64 → q 576, k/v 192, MLP 1536, 30 layers), vLLM's merged layers: ``qkv``
@@ -35,6 +36,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,8 +115,14 @@ def implementations(baseline: str | None = None) -> dict[str, dict[str, Callable
     return {
         "upstream": {name: getattr(upstream, name) for name in OP_NAMES},
         "masked": MASKED,
-        "grouped": {name: getattr(vllm_patches, name) for name in OP_NAMES},
+        "grouped": _grouped(vllm_patches),
     } | ({"baseline": _ops_at_revision(baseline)} if baseline else {})
+
+
+def _grouped(module: Any) -> dict[str, Callable]:
+    """The ops of a ``vllm_patches`` module, plus its whole-layer ``lora_linear`` where it has one."""
+    return {name: getattr(module, name) for name in OP_NAMES} | (
+        {"lora_linear": module.lora_linear} if hasattr(module, "lora_linear") else {})
 
 
 def _ops_at_revision(rev: str) -> dict[str, Callable]:
@@ -127,7 +135,7 @@ def _ops_at_revision(rev: str) -> dict[str, Callable]:
                             capture_output=True, text=True).stdout
     module = types.ModuleType(f"_vllm_patches_at_{rev}")
     exec(compile(source, f"{rev}:serve/vllm_patches.py", "exec"), module.__dict__)  # noqa: S102 - our own file
-    return {name: getattr(module, name) for name in OP_NAMES}
+    return _grouped(module)
 
 
 def layer_shapes() -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -190,10 +198,14 @@ def run(ranks: list[int], dtype: torch.dtype, repeats: int, budget_s: float,
                            "base": _cpu_ms(lambda x=x, w=base_w: torch.mm(x, w.T), repeats, budget_s)}
                     results = {}
                     for impl, ops in impls.items():
-                        for name, fn in ops.items():
-                            setattr(punica_cpu, name, fn)
-                        def wrapper_call(w=wrapper, y=y, x=x, a=a, b=b, s=slices):
-                            w.add_lora_linear(y, x, a, b, 1.0, s)
+                        for name in OP_NAMES:
+                            setattr(punica_cpu, name, ops[name])
+                        fused = ops.get("lora_linear")
+
+                        def wrapper_call(w=wrapper, y=y, x=x, a=a, b=b, s=slices, fused=fused):
+                            # vLLM's add_lora_linear (unpatched here), or the plugin's replacement of it
+                            if fused is None or not fused(w, y, x, a, b, 1.0, s):
+                                w.add_lora_linear(y, x, a, b, 1.0, s)
 
                         row[impl] = _cpu_ms(wrapper_call, repeats, budget_s)
                         y.zero_()

@@ -442,6 +442,72 @@ def test_punica_cpu_wrapper_uses_patched_ops():
     assert torch.equal(y[idx < 0], y0[idx < 0])
 
 
+def _wrapper(slot_per_request: list[int], tokens: list[int], slots: int):
+    """A real PunicaWrapperCPU whose step has request ``i`` on slot ``slot_per_request[i]`` (-1: base)
+    with ``tokens[i]`` tokens; returns it and the per-token slot index."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    lora_ids = list(range(101, 101 + slots))
+    per_request = [lora_ids[s] if s >= 0 else 0 for s in slot_per_request]
+    index_mapping = [rid for rid, t in zip(per_request, tokens, strict=True) for _ in range(t)]
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=len(index_mapping), max_batches=len(tokens), device="cpu")
+    wrapper.update_metadata(LoRAMapping(index_mapping, per_request, is_prefill=True), lora_ids, slots, 1000)
+    idx = torch.tensor([s for s, t in zip(slot_per_request, tokens, strict=True) for _ in range(t)])
+    return wrapper, idx
+
+
+STEPS = {  # (slot per request, tokens per request): the shapes a forward step takes
+    "decode": ([k % 9 - 1 for k in range(18)], [1] * 18),  # 8 adapters and base, interleaved
+    "mixed": ([0, 1, -1, 2, 3, 0, 1, 2, 3, -1, 1], [1, 1, 1, 1, 40, 1, 1, 1, 1, 30, 1]),
+    "prefill": ([2, 0, -1, 2, 1], [20, 33, 17, 16, 5]),
+}
+
+
+@pytest.mark.parametrize("path", ["bmm", "loop"])
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_matches_per_row_reference(monkeypatch, path, step, dtype):
+    """``lora_linear`` (q/k/v in one pass) on every step shape and both short-row paths equals
+    shrink-then-expand per row: shrink in fp32, expand in the model dtype, base rows untouched; the
+    k slice, which no adapter of the batch trains, is skipped."""
+    monkeypatch.setattr(vp, "_PLAN_CACHE", type(vp._PLAN_CACHE)())
+    monkeypatch.setattr(vp, "_BATCHED_MAX_ROWS", 128 if path == "bmm" else 0)
+    gen = torch.Generator().manual_seed(21)
+    wrapper, idx = _wrapper(*STEPS[step], slots=8)
+    n, hidden, rank, slices = idx.numel(), 64, 8, (64, 32, 32)
+    x = torch.randn(n, hidden, generator=gen).to(dtype)
+    a = tuple(torch.randn(8, 1, rank, hidden, generator=gen).to(dtype) / 8 for _ in slices)
+    b = tuple(torch.randn(8, 1, size, rank, generator=gen).to(dtype) / 3 for size in slices)
+    a[1].zero_(), b[1].zero_()
+    vp.mark_live_slots([_Layer(a, b)])
+    y0 = torch.randn(n, sum(slices), generator=gen).to(dtype)
+    y = y0.clone()
+    assert vp.lora_linear(wrapper, y, x, a, b, 0.5, slices) is True
+    plan = vp._plan(*[t.tolist() for t in wrapper.prefill_metadata[2:0:-1]], x.device)
+    assert (plan.batched is not None) == (path == "bmm" and step != "prefill")
+    expected, offset = y0.double().clone(), 0
+    for k, size in enumerate(slices):
+        shrunk = 0.5 * _per_row(x, a[k], idx, torch.float32)
+        expected[:, offset : offset + size] += _per_row(shrunk.float(), b[k], idx, dtype)
+        offset += size
+    _assert_close(y, expected, dtype)
+    assert torch.equal(y[idx < 0], y0[idx < 0])
+    assert torch.equal(y[:, 64:96], y0[:, 64:96]), "the k slice holds zeros for every slot: never touched"
+
+
+def test_fused_layer_declines_what_it_does_not_handle():
+    """vLLM's decode-metadata path and mismatched shapes go to upstream's ``add_lora_linear``, untouched."""
+    wrapper, idx = _wrapper([0, 1], [2, 3], slots=2)
+    x, y = torch.randn(5, 16), torch.zeros(5, 8)
+    a, b = (torch.randn(2, 1, 4, 16),), (torch.randn(2, 1, 8, 4),)
+    assert vp.lora_linear(wrapper, y[:4], x[:4], a, b, 1.0, (8,)) is False  # rows the step does not have
+    assert vp.lora_linear(wrapper, y, x, a, b, 1.0, (6,)) is False  # a slice narrower than B's output
+    wrapper.is_prefill = False
+    assert vp.lora_linear(wrapper, y, x, a, b, 1.0, (8,)) is False
+    assert torch.equal(y, torch.zeros(5, 8))
+
+
 def test_slots_an_adapter_leaves_empty_are_never_multiplied_and_the_answer_is_unchanged():
     """vLLM zeroes an adapter's slot in layers it does not train (here: slot 1 of the k slice, and
     slot 2 everywhere but q); tagged by ``mark_live_slots``, those slots take the base-row path."""
@@ -517,8 +583,10 @@ def test_a_layer_with_no_live_slot_in_the_batch_is_skipped_whole(monkeypatch):
     vp.mark_live_slots([_Layer(a, b)])
 
     def untouchable(*args, **kwargs):
-        raise AssertionError("no LoRA op may run for a layer without live slots")
+        raise AssertionError("no LoRA product may be computed for a layer without live slots")
 
+    # every product, fused or op by op, casts its operands through _cast first
+    monkeypatch.setattr(vp, "_cast", untouchable)
     monkeypatch.setattr(punica_cpu, "sgmv_shrink", untouchable)
     y0 = torch.randn(idx.numel(), sum(slices))
     y = y0.clone()
@@ -526,7 +594,7 @@ def test_a_layer_with_no_live_slot_in_the_batch_is_skipped_whole(monkeypatch):
     assert torch.equal(y, y0)
     for tensor in (*a, *b):
         delattr(tensor, vp._LIVE_ATTR)  # untagged: every slot is multiplied again, as upstream
-    with pytest.raises(AssertionError, match="no LoRA op"):
+    with pytest.raises(AssertionError, match="no LoRA product"):
         wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
 
 
