@@ -50,7 +50,7 @@ def test_llm_config_is_our_engine_on_cpu_with_zero_cpu_actors():
     assert {k: kwargs[k] for k in ("dtype", "enforce_eager", "max_model_len", "max_num_seqs", "enable_lora",
                                    "max_loras", "max_lora_rank", "max_cpu_loras", "seed")} == {
         "dtype": "float32", "enforce_eager": True, "max_model_len": 512, "max_num_seqs": 64, "enable_lora": True,
-        "max_loras": 4, "max_lora_rank": 16, "max_cpu_loras": 16, "seed": 0}
+        "max_loras": 8, "max_lora_rank": 16, "max_cpu_loras": 16, "seed": 0}
     assert "model" not in kwargs and "served_model_name" not in kwargs  # Ray Serve LLM refuses them
     env = cfg["runtime_env"]["env_vars"]
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"

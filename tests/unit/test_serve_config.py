@@ -27,7 +27,7 @@ def test_engine_and_frontend_kwargs_split():
     kwargs = engine.engine_kwargs("/models/tiny")
     assert kwargs["model"] == "/models/tiny" and kwargs["served_model_name"] == ["tiny-llama"]
     assert kwargs["generation_config"] == "vllm" and kwargs["enable_prefix_caching"] is True
-    assert kwargs["enable_lora"] and kwargs["max_loras"] == 4 and kwargs["max_lora_rank"] == 16
+    assert kwargs["enable_lora"] and kwargs["max_loras"] == 8 and kwargs["max_lora_rank"] == 16
     assert kwargs["kv_cache_dtype"] == "auto" and kwargs["speculative_config"] == {"method": "ngram"}
     assert "gpu_memory_utilization" not in kwargs and "quantization" not in kwargs
     assert "enable_force_include_usage" not in kwargs and "tool_call_parser" not in kwargs
