@@ -10,7 +10,8 @@ server's dynamic batcher does:
 
 * calls that arrive while a batch runs wait for it and go in the next batch, up to the size limit;
 * an idle batcher lingers ``wait_timeout_s`` for company only when the previous batch held more
-  than one call (there is concurrency to wait for); after a lone call, the next starts at once.
+  than one call (there is concurrency to wait for), and only until as many calls as that batch held
+  have arrived; after a lone call, the next starts at once.
 
 One implementation everywhere (replicas, tests, ``ragtune bench``, the CLI), built per instance:
 a class-level decorator's queue would be shared by every instance and bound to one event loop.
@@ -47,7 +48,9 @@ class MicroBatcher:
         self._pending.append((item, future))
         if self._running:
             pass  # picked up when the running batch finishes
-        elif len(self._pending) >= self._max:
+        elif len(self._pending) >= self._max or 1 < self._last_size <= len(self._pending):
+            # Full, or as many as the previous batch held (closed-loop clients coming back together):
+            # lingering longer only idles the batcher.
             self._start()
         elif self._timer is None:
             # A lone call after a lone call does not wait for company; the next loop turn still
