@@ -47,8 +47,8 @@ class EngineConfig(StrictModel):
     max_num_seqs: int = Field(64, ge=1, le=4096, description="Sequences the engine batches at once (continuous batching).")
     enable_lora: bool = Field(True, description="Serve LoRA adapters from the adapter store.")
     # 8, not vLLM's 1: vLLM schedules at most max_loras distinct adapters per step, so requests for
-    # any further adapter wait in the queue (an 8-adapter mix at c=16 ran 0.79x base at 4, 1.03x the
-    # 3-adapter mix at 8; loadtests/SCALE_PLAN.md). A slot is ~20 MB for SmolLM2-135M at rank 16,
+    # any further adapter wait in the queue (an 8-adapter mix at c=16 ran 0.79x base at 4, 0.92x at 8;
+    # loadtests/SCALE_PLAN.md). A slot is ~20 MB for SmolLM2-135M at rank 16,
     # and with the grouped CPU ops (serve/vllm_patches.py) an unused slot costs no compute.
     max_loras: int = Field(8, ge=1, le=256, description="Adapters that can be in one batch (GPU/CPU LoRA slots).")
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(16, description="Largest LoRA rank accepted (vLLM's allowed values).")
