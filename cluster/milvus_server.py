@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -92,10 +91,11 @@ class MilvusLiteServer:
 
     def _spawn(self, timeout_s: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        exe = shutil.which("milvus-lite", path=str(Path(sys.executable).parent)) or "milvus-lite"
+        # `milvus-lite server` with ragtune's vectorised BM25 scorer (retrieval/milvus_lite_patches.py).
+        command = [sys.executable, "-m", "retrieval.milvus_lite_patches"]
         with open(self.data_dir / "server.log", "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [exe, "server", "--data-dir", str(self.data_dir), "--host", self.host, "--port", str(self.port)],
+                [*command, "server", "--data-dir", str(self.data_dir), "--host", self.host, "--port", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy(),
             )
         self._write_pid_file(self.proc.pid)

@@ -502,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --quality/--compare: comma list of embedder.document_precision settings")
     args = parser.parse_args(argv)
     settings = _settings(args.query_precision, args.document_precision)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)  # temporary folders go inside it
     if args.quality:
         from retrieval.embedder import Embedder
 

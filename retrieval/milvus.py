@@ -65,6 +65,7 @@ from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusC
 from pymilvus.exceptions import MilvusException, ParamError
 
 from cluster.errors import InvalidRequestError, NotFoundError, RagtuneError
+from retrieval import milvus_lite_patches
 from retrieval.config import MilvusConfig
 from retrieval.doclocks import DocumentLocks
 from retrieval.filters import combine_filters, eq, in_list, quote
@@ -136,6 +137,7 @@ class MilvusStore:
         lite = self.config.uri.endswith(".db")
         if lite:  # pymilvus refuses a .db file in a missing folder
             Path(self.config.uri).parent.mkdir(parents=True, exist_ok=True)
+            milvus_lite_patches.apply()  # Milvus Lite runs in this process: vectorised BM25 scoring
         token = self.config.token.get_secret_value() if self.config.token else ""
         self._client = _ReloadingClient(lambda: MilvusClient(
             uri=self.config.uri, token=token, db_name=self.config.db_name, timeout=self.config.timeout_s,

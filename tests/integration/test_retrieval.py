@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cluster.errors import InvalidRequestError, NotFoundError
@@ -193,6 +194,8 @@ def test_reopened_store_serves_the_same_data(retriever, tmp_path):
 def test_milvus_lite_server_mode(retriever, tmp_path):
     # The same server `ragtune up` runs for shared stores (cluster/milvus_server.py).
     with MilvusLiteServer(tmp_path / "srv", port=free_port()) as server:
+        # ... with ragtune's vectorised BM25 scorer in the server process (retrieval/milvus_lite_patches.py).
+        assert "retrieval.milvus_lite_patches" in psutil.Process(server.proc.pid).cmdline()
         remote = Retriever(config_for(server.uri), embedder=retriever.embedder)
         try:
             assert run(remote.upsert_documents("parts", "acme", PARTS)).added == len(PARTS)
