@@ -18,12 +18,14 @@ Embedding is batched across documents (``ingest.batch_chunks``) so ingest runs c
 encode rate of the model, and the store writes run on a writer thread while the next groups encode
 (the model's forward pass releases the GIL; Milvus calls wait on the network). One writer thread
 keeps the writes in input order, each one locked switch of its documents. A write carries at least
-1024 rows (``_WRITE_ROWS``; the last one excepted) and, while the previous write is still in flight,
-up to 4 times that: each write costs the store a few reads whose price grows with the collection,
-not with the write (Milvus Lite 3.x runs in this process, in Python: a filtered query copies every
-unsealed row, vector included, and holds the GIL while it does, which stalls the encoder), so fewer,
-larger writes keep the encoder fed; the writer flushes every 8192 rows, as Milvus Lite reads unsealed
-rows slowly.
+1024 rows (``_WRITE_ROWS``; the last one excepted), or an eighth of the rows this ingest has written
+so far once that is more (up to 8192), and, while the previous write is still in flight, up to 4
+times that: each write costs the store a few reads whose price grows with the collection, not with
+the write (Milvus Lite 3.x walks every stored row in Python for any filtered query and copies every
+unsealed one, vector included), so writes that grow with the collection keep the store's share of
+the two cores, and the number of writes, near constant per doubling; the writer flushes every 8192
+rows, as Milvus Lite reads unsealed rows slowly. The progress bar counts chunks as they are encoded
+(the work), its postfix the chunks written.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ _GENERATION_CHARS = 12  # hex digits of the content hash in chunk ids: 48 bits t
 # Measured (bench --scale 20000, 2 cores): 78 writes of ~256 rows cost the store's threads 18-25 s of
 # CPU and the ingest ran at 0.76-0.79x the raw encode; 20 writes of ~1024 rows 9.5 s and 0.86x.
 _WRITE_ROWS = 1024
+# ... and at least 1/_WRITE_GROWTH of the rows this ingest has written so far (capped at _FLUSH_ROWS):
+# a write's reads walk every stored row (Milvus Lite), so at 100k chunks a write of 1024 rows cost
+# ~1 s of the store's CPU, and ~98 of them competed with the encoder for the two cores; growing
+# writes make that ~30 writes (8 while the first 8k rows go in, then ~8 per doubling).
+_WRITE_GROWTH = 8
 _MERGE_WRITES = 4  # write units (max(_WRITE_ROWS, batch_chunks) rows) one write may carry while the writer is busy
 # Rows written before the writer flushes (seals) them. Milvus Lite filters unsealed rows ~30 us a row
 # (measured: any filtered query on 5k unsealed rows 160-260 ms, 6-15 ms once flushed), and every
@@ -313,9 +320,10 @@ class Ingestor:
     def _write(self, info: CollectionInfo, pending: list[_Pending], summary: IngestSummary, show: bool) -> None:
         """Encode group after group on this thread; one writer thread stores them, in input order.
 
-        Encoded groups are written once they hold ``_WRITE_ROWS`` rows (a write unit); while a
-        write is in flight the next groups keep encoding and are then written together (up to
-        ``_MERGE_WRITES`` units in one write): a store that slows down as the collection grows
+        Encoded groups are written once they hold a write unit of rows (``_WRITE_ROWS``, or
+        1/``_WRITE_GROWTH`` of the rows written so far once that is more, at most ``_FLUSH_ROWS``);
+        while a write is in flight the next groups keep encoding and are then written together (up
+        to ``_MERGE_WRITES`` units in one write): a store that slows down as the collection grows
         gets fewer, larger writes instead of holding up the encoder. A group whose encode fails
         fails only its documents; a failed write fails the documents written with it.
         """
@@ -323,8 +331,9 @@ class Ingestor:
         in_flight: tuple[list[_Pending], Future[None]] | None = None
         ready: list[_Pending] = []
         records: list[ChunkRecord] = []
-        unit = max(_WRITE_ROWS, self.config.batch_chunks)  # rows of one write unit
+        floor = max(_WRITE_ROWS, self.config.batch_chunks)  # rows of the smallest write unit
         units = 0  # full units in ``records``
+        submitted = 0  # rows handed to the writer so far
         unflushed = [0]  # rows written since the last flush (writer thread only)
         with tqdm(total=total, unit="chunk", desc=f"ingest {info.name}", disable=not show or not total) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer") as writer:
@@ -332,9 +341,12 @@ class Ingestor:
                 try:
                     records += self._records(group)
                 except Exception as exc:  # one bad batch must not stop the rest
-                    self._group_failed(info, group, summary, exc, bar)
+                    self._group_failed(info, group, summary, exc)
+                    bar.update(sum(len(p.chunks) for p in group))
                     continue
                 ready += group
+                bar.update(sum(len(p.chunks) for p in group))
+                unit = max(floor, min(submitted // _WRITE_GROWTH, _FLUSH_ROWS))
                 if len(records) < (units + 1) * unit:
                     continue  # the unit is not full: encode on
                 units += 1
@@ -343,6 +355,7 @@ class Ingestor:
                 if in_flight is not None:
                     self._collect(info, *in_flight, summary, bar)
                 in_flight = (ready, writer.submit(self._store, info, records, unflushed))
+                submitted += len(records)
                 ready, records, units = [], [], 0
             if in_flight is not None:
                 self._collect(info, *in_flight, summary, bar)
@@ -364,23 +377,21 @@ class Ingestor:
                  bar: tqdm) -> None:
         try:
             write.result()
-        except Exception as exc:
-            self._group_failed(info, group, summary, exc, bar)
+        except Exception as exc:  # the bar counted these chunks when they were encoded
+            self._group_failed(info, group, summary, exc)
             return
         summary.added += sum(not p.update for p in group)
         summary.updated += sum(p.update for p in group)
         chunks = sum(len(p.chunks) for p in group)
         summary.chunks += chunks
-        bar.update(chunks)
+        bar.set_postfix(written=summary.chunks, refresh=False)
 
     @staticmethod
-    def _group_failed(info: CollectionInfo, group: list[_Pending], summary: IngestSummary, exc: Exception,
-                      bar: tqdm) -> None:
+    def _group_failed(info: CollectionInfo, group: list[_Pending], summary: IngestSummary, exc: Exception) -> None:
         # Type only: a driver's message may quote document text; the caller gets it in errors.
         logger.warning("ingest %s: batch of %d documents failed (%s)", info.name, len(group), type(exc).__name__)
         for p in group:
             summary.fail(ItemError(p.doc.origin or p.doc.id, f"embedding/write failed: {exc}", p.doc.id))
-        bar.update(sum(len(p.chunks) for p in group))
 
     def _records(self, group: list[_Pending]) -> list[ChunkRecord]:
         """The group's chunks embedded in one call (sentence-transformers sorts them by length inside)."""

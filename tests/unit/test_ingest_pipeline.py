@@ -151,3 +151,22 @@ def test_writes_carry_at_least_write_rows_rows(monkeypatch):
     assert sum(store.write_rows) == summary.chunks == len(store.rows["mem_t1_kb"])
     assert len(store.write_rows) >= 2 and all(n >= 10 for n in store.write_rows[:-1]), store.write_rows
     assert all(n < 5 * 10 for n in store.write_rows), "a write stops growing at _MERGE_WRITES units"
+
+
+def test_writes_grow_with_the_rows_written_so_far(monkeypatch):
+    monkeypatch.setattr(retrieval.ingest, "_WRITE_ROWS", 4)
+    monkeypatch.setattr(retrieval.ingest, "_WRITE_GROWTH", 2)
+    monkeypatch.setattr(retrieval.ingest, "_FLUSH_ROWS", 30)
+    store = RecordingStore()
+    summary = make(store, FakeEmbedder()).ingest("kb", "t1", docs(80))  # ~3 chunks a document, one per group
+    assert sum(store.write_rows) == summary.chunks == len(store.rows["mem_t1_kb"])
+    before = 0
+    for n in store.write_rows[:-1]:
+        assert n >= max(4, min(before // 2, 30)), (before, store.write_rows)
+        before += n
+    assert max(store.write_rows[:-1]) >= 30, "the unit grew up to its cap"
+    assert max(store.write_rows) < 4 * 30 + 4, "and stops there (at most _MERGE_WRITES units and a group)"
+    fixed = RecordingStore()
+    monkeypatch.setattr(retrieval.ingest, "_WRITE_GROWTH", 10**9)
+    make(fixed, FakeEmbedder()).ingest("kb", "t1", docs(80))
+    assert len(store.write_rows) < len(fixed.write_rows) / 2, (store.write_rows, fixed.write_rows)
