@@ -91,11 +91,11 @@ class MilvusLiteServer:
 
     def _spawn(self, timeout_s: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # `milvus-lite server` with ragtune's vectorised BM25 scorer (retrieval/milvus_lite_patches.py).
-        command = [sys.executable, "-m", "retrieval.milvus_lite_patches"]
         with open(self.data_dir / "server.log", "ab") as log:  # the child keeps its own descriptor
+            # `milvus-lite server ...` with ragtune's vectorised BM25 scorer (retrieval/milvus_lite_patches.py).
             self.proc = subprocess.Popen(
-                [*command, "server", "--data-dir", str(self.data_dir), "--host", self.host, "--port", str(self.port)],
+                [sys.executable, "-m", "retrieval.milvus_lite_patches", "server", "--data-dir", str(self.data_dir),
+                 "--host", self.host, "--port", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy(),
             )
         self._write_pid_file(self.proc.pid)

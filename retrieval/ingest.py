@@ -342,10 +342,10 @@ class Ingestor:
                     records += self._records(group)
                 except Exception as exc:  # one bad batch must not stop the rest
                     self._group_failed(info, group, summary, exc)
-                    bar.update(sum(len(p.chunks) for p in group))
                     continue
+                finally:  # encoded or failed, the group's chunks are done with
+                    bar.update(sum(len(p.chunks) for p in group))
                 ready += group
-                bar.update(sum(len(p.chunks) for p in group))
                 unit = max(floor, min(submitted // _WRITE_GROWTH, _FLUSH_ROWS))
                 if len(records) < (units + 1) * unit:
                     continue  # the unit is not full: encode on

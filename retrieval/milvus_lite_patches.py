@@ -125,9 +125,6 @@ def bm25_search(self: Any, query_sparse_vectors: list[dict[int, float]], top_k: 
             if arrays is None:
                 continue
             ids, factor = arrays
-            if valid_mask is not None:
-                keep = valid_mask[ids]
-                ids, factor = ids[keep], factor[keep]
             df = self._df[term]
             idf = math.log((total - df + 0.5) / (df + 0.5) + 1.0)
             # Posting ids are unique within a term, so fancy-index += adds each once.
@@ -135,9 +132,10 @@ def bm25_search(self: Any, query_sparse_vectors: list[dict[int, float]], top_k: 
             new = ids[first[ids] < 0]
             first[new] = np.arange(reached, reached + len(new))
             reached += len(new)
-        if not reached:
-            continue
-        candidates = np.flatnonzero(first >= 0)
+        # Masked documents are dropped here rather than per term: a document's score depends only on
+        # its own postings, and dropping some documents keeps the others' first-reached order.
+        reached_mask = first >= 0 if valid_mask is None else (first >= 0) & valid_mask
+        candidates = np.flatnonzero(reached_mask)
         # Highest score first; equal scores in first-reached order (upstream's stable sort).
         order = np.lexsort((first[candidates], -scores[candidates]))[:top_k]
         best = candidates[order]
