@@ -7,6 +7,8 @@ Run: HF_HUB_OFFLINE=1 .venv/bin/pytest -m integration tests/integration/test_ret
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
 
 import psutil
@@ -15,6 +17,7 @@ import pytest
 from cluster.errors import InvalidRequestError, NotFoundError
 from cluster.milvus_server import MilvusLiteServer
 from cluster.processes import free_port
+from retrieval import milvus_lite_patches
 from retrieval.config import IngestConfig, MilvusConfig, RetrievalConfig, SearchConfig
 from retrieval.retriever import Retriever
 from retrieval.sample_kb import SAMPLE_COLLECTION, SAMPLE_KB_DIR, SAMPLE_QUESTIONS, ingest_sample_kb
@@ -200,5 +203,14 @@ def test_milvus_lite_server_mode(retriever, tmp_path):
         try:
             assert run(remote.upsert_documents("parts", "acme", PARTS)).added == len(PARTS)
             assert run(remote.retrieve("QX-4471-B", "parts", "acme", mode="hybrid"))[0].document == "target"
+            # ... and its background compaction/index builds (started by the ingest's flush) at low priority,
+            # while the process itself (its gRPC threads: searches and writes) keeps nice 0.
+            process = psutil.Process(server.proc.pid)
+            deadline = time.monotonic() + 60
+            while not any(os.getpriority(os.PRIO_PROCESS, t.id) == milvus_lite_patches.BACKGROUND_NICE
+                          for t in process.threads()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            niceness = [os.getpriority(os.PRIO_PROCESS, t.id) for t in process.threads()]
+            assert milvus_lite_patches.BACKGROUND_NICE in niceness and os.getpriority(os.PRIO_PROCESS, process.pid) == 0
         finally:
             remote.close()

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import random
 import struct
+import threading
 
 import numpy as np
 import pytest
 
 pytest.importorskip("milvus_lite")
+from milvus_lite.engine.collection import Collection  # noqa: E402
 from milvus_lite.index.sparse_inverted import SparseInvertedIndex  # noqa: E402
+from pymilvus import DataType, MilvusClient  # noqa: E402
 
 from retrieval import milvus_lite_patches  # noqa: E402
 
-UPSTREAM = SparseInvertedIndex.search  # captured before any test applies the patch
+UPSTREAM = SparseInvertedIndex.search  # captured before any test applies the patches
+UPSTREAM_BACKGROUND = Collection._bg_compact_and_index
 
 
 def _f32(x: float) -> float:
@@ -71,7 +77,50 @@ def test_apply_installs_and_remove_restores():
     try:
         assert milvus_lite_patches.apply() is True
         assert SparseInvertedIndex.search is milvus_lite_patches.bm25_search and milvus_lite_patches.is_applied()
+        assert Collection._bg_compact_and_index is not UPSTREAM_BACKGROUND
         assert milvus_lite_patches.apply() is True  # idempotent: the original stays what remove() restores
     finally:
         milvus_lite_patches.remove()
     assert SparseInvertedIndex.search is UPSTREAM and not milvus_lite_patches.is_applied()
+    assert Collection._bg_compact_and_index is UPSTREAM_BACKGROUND
+
+
+def test_lower_thread_priority_changes_only_the_calling_thread():
+    seen: list[int] = []
+    worker = threading.Thread(target=lambda: seen.append(milvus_lite_patches.lower_thread_priority(7)))
+    worker.start()
+    worker.join()
+    assert seen == [7]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0
+
+
+def _background_niceness(client: MilvusClient, name: str, timeout_s: float = 60.0) -> int:
+    """Insert and flush into a new HNSW collection; the niceness its background thread ends up with."""
+    schema = client.create_schema(auto_id=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("v", DataType.FLOAT_VECTOR, dim=8)
+    index = client.prepare_index_params()
+    index.add_index("v", index_type="HNSW", metric_type="COSINE", params={"M": 8, "efConstruction": 32})
+    client.create_collection(name, schema=schema, index_params=index)
+    rng = np.random.default_rng(0)
+    client.insert(name, [{"id": i, "v": rng.standard_normal(8).tolist()} for i in range(256)])
+    client.flush(name)  # the flush hands compaction and the index build to the collection's background thread
+    collection = next(o for o in gc.get_objects() if isinstance(o, Collection) and o.name == name)
+    collection._wait_for_bg(timeout=timeout_s)  # milvus-lite's own drain point: the build has run
+    worker = next(t for t in threading.enumerate() if t.name.startswith(f"milvus_lite-{name}"))
+    return os.getpriority(os.PRIO_PROCESS, worker.native_id)
+
+
+def test_background_compaction_and_index_builds_run_at_low_priority(tmp_path):
+    client = MilvusClient(str(tmp_path / "nice.db"))
+    try:
+        milvus_lite_patches.remove()
+        assert _background_niceness(client, "upstream") == 0  # the control: milvus-lite alone keeps nice 0
+        milvus_lite_patches.apply()
+        assert _background_niceness(client, "patched") == milvus_lite_patches.BACKGROUND_NICE
+        # The patched collection is still searched and served (indexed or not, exactly the same rows).
+        hits = client.search("patched", data=[np.ones(8).tolist()], limit=3, anns_field="v")
+        assert len(hits[0]) == 3
+    finally:
+        milvus_lite_patches.remove()
+        client.close()
