@@ -71,10 +71,11 @@ _GENERATION_CHARS = 12  # hex digits of the content hash in chunk ids: 48 bits t
 # Measured (bench --scale 20000, 2 cores): 78 writes of ~256 rows cost the store's threads 18-25 s of
 # CPU and the ingest ran at 0.76-0.79x the raw encode; 20 writes of ~1024 rows 9.5 s and 0.86x.
 _WRITE_ROWS = 1024
-# ... and at least 1/_WRITE_GROWTH of the rows this ingest has written so far (capped at _FLUSH_ROWS):
-# a write's reads walk every stored row (Milvus Lite), so at 100k chunks a write of 1024 rows cost
-# ~1 s of the store's CPU, and ~98 of them competed with the encoder for the two cores; growing
-# writes make that ~30 writes (8 while the first 8k rows go in, then ~8 per doubling).
+# ... and at least 1/_WRITE_GROWTH of the rows in the collection (those stored before this ingest plus
+# those it has written; capped at _FLUSH_ROWS): a write's reads walk every stored row (Milvus Lite), so
+# at 100k chunks a write of 1024 rows cost ~1 s of the store's CPU, and ~98 of them competed with the
+# encoder for the two cores; growing writes make that ~30 writes (8 while the first 8k rows go in, then
+# ~8 per doubling), and an ingest into a collection that is already large starts with large writes.
 _WRITE_GROWTH = 8
 _MERGE_WRITES = 4  # write units (max(_WRITE_ROWS, batch_chunks) rows) one write may carry while the writer is busy
 # Rows written before the writer flushes (seals) them. Milvus Lite filters unsealed rows ~30 us a row
@@ -321,7 +322,8 @@ class Ingestor:
         """Encode group after group on this thread; one writer thread stores them, in input order.
 
         Encoded groups are written once they hold a write unit of rows (``_WRITE_ROWS``, or
-        1/``_WRITE_GROWTH`` of the rows written so far once that is more, at most ``_FLUSH_ROWS``);
+        1/``_WRITE_GROWTH`` of the collection's rows, stored before or written since, once that is
+        more, at most ``_FLUSH_ROWS``);
         while a write is in flight the next groups keep encoding and are then written together (up
         to ``_MERGE_WRITES`` units in one write): a store that slows down as the collection grows
         gets fewer, larger writes instead of holding up the encoder. A group whose encode fails
@@ -333,7 +335,7 @@ class Ingestor:
         records: list[ChunkRecord] = []
         floor = max(_WRITE_ROWS, self.config.batch_chunks)  # rows of the smallest write unit
         units = 0  # full units in ``records``
-        submitted = 0  # rows handed to the writer so far
+        collection_rows = self._stored_rows(info)  # stored before this ingest, then also those handed to the writer
         unflushed = [0]  # rows written since the last flush (writer thread only)
         with tqdm(total=total, unit="chunk", desc=f"ingest {info.name}", disable=not show or not total) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer") as writer:
@@ -346,7 +348,7 @@ class Ingestor:
                 finally:  # encoded or failed, the group's chunks are done with
                     bar.update(sum(len(p.chunks) for p in group))
                 ready += group
-                unit = max(floor, min(submitted // _WRITE_GROWTH, _FLUSH_ROWS))
+                unit = max(floor, min(collection_rows // _WRITE_GROWTH, _FLUSH_ROWS))
                 if len(records) < (units + 1) * unit:
                     continue  # the unit is not full: encode on
                 units += 1
@@ -355,12 +357,22 @@ class Ingestor:
                 if in_flight is not None:
                     self._collect(info, *in_flight, summary, bar)
                 in_flight = (ready, writer.submit(self._store, info, records, unflushed))
-                submitted += len(records)
+                collection_rows += len(records)
                 ready, records, units = [], [], 0
             if in_flight is not None:
                 self._collect(info, *in_flight, summary, bar)
             if ready:
                 self._collect(info, ready, writer.submit(self._store, info, records, unflushed), summary, bar)
+
+    def _stored_rows(self, info: CollectionInfo) -> int:
+        """The collection's row count before this ingest's writes (0 if the store cannot say: it only
+        sizes the writes)."""
+        try:
+            return max(0, self.store.row_count(info))
+        except Exception as exc:
+            logger.warning("ingest %s: row count unavailable (%s); write sizes start small", info.name,
+                           type(exc).__name__)
+            return 0
 
     def _store(self, info: CollectionInfo, records: list[ChunkRecord], unflushed: list[int]) -> None:
         """One locked switch of the records' documents; every ``_FLUSH_ROWS`` rows, a flush (on this thread)."""

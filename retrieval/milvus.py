@@ -288,6 +288,11 @@ class MilvusStore:
                 hashes[row["doc_id"]] = ""
         return hashes
 
+    def row_count(self, info: CollectionInfo) -> int:
+        """Rows in the collection's physical store, all tenants (Milvus's approximate ``row_count``: it
+        can count rows written but not yet flushed or compacted away); sizes the ingest's writes."""
+        return int(self._client.get_collection_stats(info.physical).get("row_count", 0))
+
     def document_rows(self, info: CollectionInfo, doc_ids: Sequence[str], fields: Sequence[str] = _OUTPUT_FIELDS
                       ) -> list[dict]:
         """The live rows (chunks) of ``doc_ids``, read as :meth:`search` reads: again while one document

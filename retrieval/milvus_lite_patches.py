@@ -26,7 +26,8 @@ collection (``Collection._bg_compact_and_index``). During a bulk ingest that wor
 embedder for the same cores: in a store-only 100k-chunk ingest (no embedding) HNSW builds were 40 % of
 the milvus-lite server's samples (py-spy), and a 2-thread encoder next to a busy HNSW build ran at
 0.53x its rate alone, losing more than the build used (OpenMP threads stall on a descheduled peer).
-The patch runs that thread at nice +10 (``BACKGROUND_NICE``; Linux sets niceness per thread, and the
+The patch runs that thread at nice +10 (``BACKGROUND_NICE``, environment variable
+``RAGTUNE_MILVUS_LITE_BACKGROUND_NICE``; Linux sets niceness per thread, and the
 OpenMP workers FAISS starts from it inherit it), so compaction and index builds use the cores
 that searches, writes and the embedder leave idle; measured beside the same encoder: 0.87-0.92x.
 Searches and writes (the gRPC threads) keep normal priority. Index builds are not needed for
@@ -53,7 +54,17 @@ __all__ = ["BACKGROUND_NICE", "apply", "bm25_search", "is_applied", "lower_threa
 
 logger = logging.getLogger(__name__)
 
-BACKGROUND_NICE = 10  # CFS weight 110 against 1024 at nice 0: ~10 % of a core when it contends
+# CFS weight 110 against 1024 at nice 0: ~10 % of a core when it contends. 0 keeps milvus-lite's own
+# priority (e.g. for an A/B); the server ragtune spawns inherits the variable.
+def _background_nice(raw: str | None) -> int:
+    if raw is None or not raw.strip():
+        return 10
+    if not raw.strip().isdigit() or int(raw) > 19:
+        raise ValueError(f"RAGTUNE_MILVUS_LITE_BACKGROUND_NICE must be a niceness from 0 to 19, got {raw!r}")
+    return int(raw)
+
+
+BACKGROUND_NICE = _background_nice(os.environ.get("RAGTUNE_MILVUS_LITE_BACKGROUND_NICE"))
 _original_search: Any = None
 _original_background: Any = None
 _lock = threading.Lock()
@@ -123,7 +134,8 @@ def _background_at_low_priority(self: Any) -> None:
     """``Collection._bg_compact_and_index`` on a thread lowered to ``BACKGROUND_NICE`` (once per thread:
     the collection's single-worker background pool)."""
     if not getattr(_background, "lowered", False):
-        lower_thread_priority()
+        if BACKGROUND_NICE > 0:
+            lower_thread_priority(BACKGROUND_NICE)
         _background.lowered = True
     _original_background(self)
 

@@ -87,6 +87,9 @@ class InMemoryStore:
                 hashes[record.doc_id] = ""
         return hashes
 
+    def row_count(self, info: CollectionInfo) -> int:
+        return len(self.rows[info.physical])
+
     def replace_documents(self, info: CollectionInfo, records: Sequence[ChunkRecord]) -> None:
         docs = {r.doc_id for r in records}
         self.ops.append(("replace", [r.id for r in records]))

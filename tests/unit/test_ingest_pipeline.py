@@ -170,3 +170,21 @@ def test_writes_grow_with_the_rows_written_so_far(monkeypatch):
     monkeypatch.setattr(retrieval.ingest, "_WRITE_GROWTH", 10**9)
     make(fixed, FakeEmbedder()).ingest("kb", "t1", docs(80))
     assert len(store.write_rows) < len(fixed.write_rows) / 2, (store.write_rows, fixed.write_rows)
+
+
+def test_writes_into_a_large_collection_start_large(monkeypatch):
+    # The unit counts the rows stored before this ingest too: each write's reads walk all of them.
+    monkeypatch.setattr(retrieval.ingest, "_WRITE_ROWS", 4)
+    monkeypatch.setattr(retrieval.ingest, "_WRITE_GROWTH", 2)
+    monkeypatch.setattr(retrieval.ingest, "_FLUSH_ROWS", 30)
+    store = RecordingStore()
+    first = make(store, FakeEmbedder()).ingest("kb", "t1", docs(40))
+    assert first.chunks >= 60
+    store.write_rows.clear()
+    more = [Document(f"new{i}", f"new document {i} " + "lorem ipsum dolor " * 8) for i in range(40)]
+    second = make(store, FakeEmbedder()).ingest("kb", "t1", more)
+    assert second.added == 40 and sum(store.write_rows) == second.chunks
+    assert store.write_rows[0] >= 30, ("the first write is already capped size", store.write_rows)
+    empty = RecordingStore()
+    make(empty, FakeEmbedder()).ingest("kb", "t1", more)
+    assert empty.write_rows[0] < 30, ("an empty collection starts small", empty.write_rows)
