@@ -193,17 +193,18 @@ def _ingest_scale(workdir: Path, config: RetrievalConfig, chunks: int, chunk_cha
     try:
         raw(texts[:128])  # warm-up; the registry and collection are created outside the timing
         ingestor.ingest("bench-scale", "bench", [Document("warm-up", "warm up")], progress=False)
-        raw_seconds = _timed(raw, probe[0::2])
+        raw_before = _timed(raw, probe[0::2])
         ingestor.embedder = _Timed(embedder, "encode", timers)  # type: ignore[assignment]
         ingestor.store = _Timed(ingestor.store, ("replace_documents", "flush"), timers, "write")  # type: ignore[assignment]
         summary = ingestor.ingest("bench-scale", "bench", documents, progress=progress)
         ingestor.embedder, ingestor.store = embedder, ingestor.store._inner  # type: ignore[attr-defined]
-        raw_seconds += _timed(raw, probe[1::2])
+        raw_after = _timed(raw, probe[1::2])
     finally:
         retriever.close()
     result = {"part": f"{index}/{parts}", "chunks": summary.chunks, "docs": summary.added + summary.updated,
               "failed": summary.failed, "seconds": summary.seconds, "raw_texts": len(probe),
-              "raw_seconds": raw_seconds, "encode_s": timers["encode"], "write_s": timers["write"],
+              "raw_seconds": raw_before + raw_after, "raw_before_texts": len(probe[0::2]), "raw_before_s": raw_before,
+              "raw_after_texts": len(probe[1::2]), "raw_after_s": raw_after, "encode_s": timers["encode"], "write_s": timers["write"],
               "write_calls": timers.get("replace_documents_calls", 0), "groups": timers.get("encode_calls", 0),
               "store": "server" if config.milvus.uri.startswith(("http://", "https://")) else "in-process"}
     rows = _scale_rows("ingest_scale", result)
@@ -220,7 +221,10 @@ def _ingest_scale(workdir: Path, config: RetrievalConfig, chunks: int, chunk_cha
 def _scale_rows(bench: str, r: dict[str, Any]) -> list[Row]:
     raw_rate, ingest_rate = r["raw_texts"] / r["raw_seconds"], r["chunks"] / r["seconds"]
     return [
-        _row(bench, "raw_encode_rate", raw_rate, "chunks/s", chunks=r["raw_texts"], part=r["part"]),
+        # Before and after the ingest apart: a host whose speed drifts during the run shows here.
+        _row(bench, "raw_encode_rate", raw_rate, "chunks/s", chunks=r["raw_texts"], part=r["part"],
+             **{f"{when}_rate": round(r[f"raw_{when}_texts"] / r[f"raw_{when}_s"], 1)
+                for when in ("before", "after") if r.get(f"raw_{when}_s")}),
         _row(bench, "ingest_rate", ingest_rate, "chunks/s", chunks=r["chunks"], docs=r["docs"], failed=r["failed"],
              seconds=round(r["seconds"], 1), part=r["part"]),
         _row(bench, "ingest_vs_raw", ingest_rate / raw_rate, "ratio", goal=">= 0.9", part=r["part"],

@@ -18,6 +18,10 @@ def test_scale_rows_ratio_and_time_split():
     assert rows["ingest_vs_raw"]["store"] == "in-process"
     served = {r["metric"]: r for r in _scale_rows("ingest_scale", {**result, "store": "server"})}
     assert served["ingest_vs_raw"]["store"] == "server"  # which store path the ratio was measured on
+    assert "before_rate" not in rows["raw_encode_rate"]
+    halves = {**result, "raw_before_texts": 200, "raw_before_s": 1.6, "raw_after_texts": 200, "raw_after_s": 2.4}
+    raw = {r["metric"]: r for r in _scale_rows("ingest_scale", halves)}["raw_encode_rate"]
+    assert (raw["value"], raw["before_rate"], raw["after_rate"]) == (100.0, 125.0, 83.3)  # drift shows
 
 
 def test_timed_counts_only_the_named_method():

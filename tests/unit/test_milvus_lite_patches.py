@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("milvus_lite")
 from milvus_lite.engine.collection import Collection  # noqa: E402
 from milvus_lite.index.sparse_inverted import SparseInvertedIndex  # noqa: E402
+from milvus_lite.server_manager import server_manager_instance  # noqa: E402
 from pymilvus import DataType, MilvusClient  # noqa: E402
 
 from retrieval import milvus_lite_patches  # noqa: E402
@@ -122,7 +123,8 @@ def test_background_compaction_and_index_builds_run_at_low_priority(tmp_path):
     base = _own_niceness()
     if base >= milvus_lite_patches.BACKGROUND_NICE:
         pytest.skip(f"the tests already run at nice {base}")
-    client = MilvusClient(str(tmp_path / "nice.db"))
+    path = str(tmp_path / "nice.db")
+    client = MilvusClient(path)
     try:
         milvus_lite_patches.remove()
         assert _background_niceness(client, "upstream") == base  # the control: milvus-lite alone keeps it
@@ -134,6 +136,7 @@ def test_background_compaction_and_index_builds_run_at_low_priority(tmp_path):
     finally:
         milvus_lite_patches.remove()
         client.close()
+        server_manager_instance.release_server(os.path.abspath(path))  # as MilvusStore.close: not at exit
 
 
 @pytest.mark.parametrize(("raw", "nice"), [(None, 10), ("", 10), ("0", 0), ("19", 19)])
