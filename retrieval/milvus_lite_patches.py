@@ -54,8 +54,6 @@ __all__ = ["BACKGROUND_NICE", "apply", "bm25_search", "is_applied", "lower_threa
 
 logger = logging.getLogger(__name__)
 
-# CFS weight 110 against 1024 at nice 0: ~10 % of a core when it contends. 0 keeps milvus-lite's own
-# priority (e.g. for an A/B); the server ragtune spawns inherits the variable.
 def _background_nice(raw: str | None) -> int:
     if raw is None or not raw.strip():
         return 10
@@ -64,11 +62,12 @@ def _background_nice(raw: str | None) -> int:
     return int(raw)
 
 
+# CFS weight 110 against 1024 at nice 0: ~10 % of a core when it contends. 0 keeps milvus-lite's own
+# priority (e.g. for an A/B); the server ragtune spawns inherits the variable.
 BACKGROUND_NICE = _background_nice(os.environ.get("RAGTUNE_MILVUS_LITE_BACKGROUND_NICE"))
 _original_search: Any = None
 _original_background: Any = None
 _lock = threading.Lock()
-_background = threading.local()  # .lowered: this thread's niceness was already raised
 
 
 def apply() -> bool:
@@ -131,12 +130,10 @@ def lower_thread_priority(nice: int = BACKGROUND_NICE) -> int:
 
 
 def _background_at_low_priority(self: Any) -> None:
-    """``Collection._bg_compact_and_index`` on a thread lowered to ``BACKGROUND_NICE`` (once per thread:
-    the collection's single-worker background pool)."""
-    if not getattr(_background, "lowered", False):
-        if BACKGROUND_NICE > 0:
-            lower_thread_priority(BACKGROUND_NICE)
-        _background.lowered = True
+    """``Collection._bg_compact_and_index`` on a thread lowered to ``BACKGROUND_NICE`` (a no-op after the
+    first task on the collection's single-worker background pool: the thread is already there)."""
+    if BACKGROUND_NICE > 0:
+        lower_thread_priority(BACKGROUND_NICE)
     _original_background(self)
 
 
