@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import struct
@@ -102,7 +101,7 @@ def test_lower_thread_priority_changes_only_the_calling_thread():
     assert _own_niceness() == base
 
 
-def _background_niceness(client: MilvusClient, name: str, timeout_s: float = 60.0) -> int:
+def _background_niceness(client: MilvusClient, path: str, name: str, timeout_s: float = 60.0) -> int:
     """Insert and flush into a new HNSW collection; the niceness its background thread ends up with."""
     schema = client.create_schema(auto_id=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
@@ -113,7 +112,10 @@ def _background_niceness(client: MilvusClient, name: str, timeout_s: float = 60.
     rng = np.random.default_rng(0)
     client.insert(name, [{"id": i, "v": rng.standard_normal(8).tolist()} for i in range(256)])
     client.flush(name)  # the flush hands compaction and the index build to the collection's background thread
-    collection = next(o for o in gc.get_objects() if isinstance(o, Collection) and o.name == name)
+    # The collection object, from milvus-lite's own registry: the DB that serves this path caches it.
+    # (Not a gc.get_objects() scan: that also meets dead weakref proxies, and isinstance raises on them.)
+    _server, db, _port = server_manager_instance._servers[os.path.abspath(path)]
+    collection: Collection = db.get_collection(name)
     collection._wait_for_bg(timeout=timeout_s)  # milvus-lite's own drain point: the build has run
     worker = next(t for t in threading.enumerate() if t.name.startswith(f"milvus_lite-{name}"))
     return os.getpriority(os.PRIO_PROCESS, worker.native_id)
@@ -127,9 +129,9 @@ def test_background_compaction_and_index_builds_run_at_low_priority(tmp_path):
     client = MilvusClient(path)
     try:
         milvus_lite_patches.remove()
-        assert _background_niceness(client, "upstream") == base  # the control: milvus-lite alone keeps it
+        assert _background_niceness(client, path, "upstream") == base  # the control: milvus-lite alone keeps it
         milvus_lite_patches.apply()
-        assert _background_niceness(client, "patched") == milvus_lite_patches.BACKGROUND_NICE
+        assert _background_niceness(client, path, "patched") == milvus_lite_patches.BACKGROUND_NICE
         # The patched collection is still searched and served (indexed or not, exactly the same rows).
         hits = client.search("patched", data=[np.ones(8).tolist()], limit=3, anns_field="v")
         assert len(hits[0]) == 3
