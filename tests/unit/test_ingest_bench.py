@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from retrieval.bench import _raw_encode, _scale_rows, _Timed
+import subprocess
+import sys
+
+from retrieval.bench import _raw_encode, _scale_rows, _Timed, wait_until_idle
 from retrieval.testing import FakeEmbedder
 
 
@@ -22,6 +25,21 @@ def test_scale_rows_ratio_and_time_split():
     halves = {**result, "raw_before_texts": 200, "raw_before_s": 1.6, "raw_after_texts": 200, "raw_after_s": 2.4}
     raw = {r["metric"]: r for r in _scale_rows("ingest_scale", halves)}["raw_encode_rate"]
     assert (raw["value"], raw["before_rate"], raw["after_rate"]) == (100.0, 125.0, 83.3)  # drift shows
+    settled = {r["metric"]: r for r in _scale_rows("ingest_scale", {**halves, "settle_s": 12.34})}
+    assert settled["raw_encode_rate"]["after_store_idle_s"] == 12.3
+
+
+def test_wait_until_idle_waits_out_a_busy_process():
+    """A process that spins for 2 CPU seconds, then sleeps: the wait ends after the spinning, not before."""
+    busy = subprocess.Popen([sys.executable, "-c",
+                             "import time\nwhile time.process_time() < 2: pass\ntime.sleep(60)"])
+    try:
+        waited = wait_until_idle(busy.pid, window_s=0.5, busy_cpu_s=0.1, timeout_s=60)
+        assert 1.5 <= waited < 30
+        assert wait_until_idle(busy.pid, window_s=0.5, busy_cpu_s=0.1) < 1.0  # idle now: one window
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def test_timed_counts_only_the_named_method():
