@@ -28,9 +28,6 @@ $(STAMP): pyproject.toml
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers beside CPU
 	# torch; they are only needed for multimodal models (DESIGN.md).
 	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
-	# ranx compiles its metrics with numba on first use (tens of seconds in a fresh venv; cached in
-	# site-packages after): compile them once here, not in the first `ragtune eval` or test.
-	HF_HUB_OFFLINE=1 $(PY) -c "from retrieval.quality import retrieval_metrics as m; m({'q': ['a']}, {'q': {'a'}}, per_question=True)"
 	touch $(STAMP)
 
 $(MODELS_STAMP) &: $(STAMP)
