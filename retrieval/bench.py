@@ -181,6 +181,12 @@ def bench_ingest_scale(workdir: Path, *, chunks: int = 100_000, chunk_chars: int
         return _ingest_scale(workdir, served, chunks, chunk_chars, sample, part, embedder, progress, server.pid)
 
 
+def process_cpu_seconds(process: Any) -> float:
+    """User + system CPU seconds of a ``psutil.Process`` so far."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def wait_until_idle(pid: int, *, window_s: float = 5.0, busy_cpu_s: float = 0.5, timeout_s: float = 900.0) -> float:
     """Block until process ``pid`` uses less than ``busy_cpu_s`` CPU seconds in a ``window_s`` window;
     the seconds waited.
@@ -194,15 +200,10 @@ def wait_until_idle(pid: int, *, window_s: float = 5.0, busy_cpu_s: float = 0.5,
     import psutil
 
     process, started = psutil.Process(pid), time.perf_counter()
-
-    def cpu() -> float:
-        times = process.cpu_times()
-        return times.user + times.system
-
-    last = cpu()
+    last = process_cpu_seconds(process)
     while time.perf_counter() - started < timeout_s:
         time.sleep(window_s)
-        now = cpu()
+        now = process_cpu_seconds(process)
         if now - last < busy_cpu_s:
             break
         last = now

@@ -24,7 +24,7 @@ import psutil
 
 from cluster.milvus_server import MilvusLiteServer
 from cluster.processes import free_port
-from retrieval.bench import _config, scale_corpus
+from retrieval.bench import _config, process_cpu_seconds, scale_corpus, wait_until_idle
 from retrieval.config import MilvusConfig
 from retrieval.embedder import Embedder
 from retrieval.retriever import Retriever
@@ -48,11 +48,6 @@ class PooledVectors:
         return (v / np.linalg.norm(v, axis=1, keepdims=True)).tolist()
 
 
-def server_cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
 def main() -> None:
     chunks = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     workdir = Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp/store-only")
@@ -68,13 +63,12 @@ def main() -> None:
         spy = subprocess.Popen([os.environ["PYSPY"], "record", "--pid", str(server.pid), "--format", "raw", "-o",
                                 str(workdir / "server-profile.txt"), "--rate", "20", "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if os.environ.get("PYSPY") else None
-        server0, client0, start = server_cpu(process), time.process_time(), time.perf_counter()
+        server0, client0, start = process_cpu_seconds(process), time.process_time(), time.perf_counter()
         summary = retriever.ingestor.ingest("store-only", "bench", documents, progress=True)
         wall, client = time.perf_counter() - start, time.process_time() - client0
-        during, last = server_cpu(process) - server0, -1.0
-        while (total := server_cpu(process) - server0) - last >= 0.5:  # until the background work is done
-            last = total
-            time.sleep(10)
+        during = process_cpu_seconds(process) - server0
+        wait_until_idle(server.pid, window_s=10)  # until the background work is done
+        total = process_cpu_seconds(process) - server0
         if spy:
             spy.send_signal(signal.SIGINT)
             spy.wait()

@@ -1,6 +1,6 @@
 """Ingest into a collection that already holds rows: write units sized to the collection (``d42a32e``)
 against sizing from this ingest's rows only (before it). Real encoder for the new chunks, real
-milvus-lite server, alternating arms in one run; results in ``2026-12-08-write-sizing-ab.md``.
+milvus-lite server, alternating arms in one run; results in section 6 of ``2026-12-07-vm-retrieve-100k.md``.
 
 Usage: ``HF_HUB_OFFLINE=1 .venv/bin/python loadtests/results/2026-12-08-write-sizing-ab.py [STORED] [NEW] [DIR]``.
 Per arm: a fresh server; ``STORED`` chunks written with pooled real vectors (no encoder, as
@@ -23,7 +23,15 @@ import psutil
 
 from cluster.milvus_server import MilvusLiteServer
 from cluster.processes import free_port
-from retrieval.bench import _config, _raw_encode, _Timed, _timed, scale_corpus, wait_until_idle
+from retrieval.bench import (
+    _config,
+    _raw_encode,
+    _Timed,
+    _timed,
+    process_cpu_seconds,
+    scale_corpus,
+    wait_until_idle,
+)
 from retrieval.config import MilvusConfig
 from retrieval.embedder import Embedder
 from retrieval.retriever import Retriever
@@ -31,7 +39,7 @@ from retrieval.types import Document
 
 _spec = importlib.util.spec_from_file_location("store_only", Path(__file__).with_name("2026-12-07-store-only-ingest.py"))
 store_only = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(store_only)  # PooledVectors, server_cpu
+_spec.loader.exec_module(store_only)  # PooledVectors
 
 
 def arm(name: str, stored: int, new: int, workdir: Path, embedder: Embedder) -> dict:
@@ -60,12 +68,12 @@ def arm(name: str, stored: int, new: int, workdir: Path, embedder: Embedder) -> 
             raw_before = _timed(raw, probe[0::2])
             timers = {"write": 0.0}
             ingestor.store = _Timed(ingestor.store, ("replace_documents", "flush"), timers, "write")
-            server0 = store_only.server_cpu(process)
+            server0 = process_cpu_seconds(process)
             summary = ingestor.ingest("ab", "bench", new_docs, progress=True)
-            server_during = store_only.server_cpu(process) - server0
+            server_during = process_cpu_seconds(process) - server0
             ingestor.store = ingestor.store._inner
             after_idle_s = wait_until_idle(process.pid)  # the writes' index builds would slow the raw reference
-            server_total = store_only.server_cpu(process) - server0
+            server_total = process_cpu_seconds(process) - server0
             raw_after = _timed(raw, probe[1::2])
         finally:
             retriever.close()
