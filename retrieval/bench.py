@@ -42,6 +42,7 @@ import re
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,20 @@ def _raw_encode(embedder: EmbedderLike) -> Any:
                                       convert_to_numpy=True, show_progress_bar=False)
 
 
+def _raw_encode_streams(embedder: EmbedderLike, group: int, requested: int | None) -> Any:
+    """The second reference: the raw encode laid out as the ingest lays out its encoding (groups of
+    ``group`` texts on the embedder's ``encoding_streams``), so ``ingest ÷ this`` is what the ingest
+    costs beyond encoding the way it encodes."""
+    raw = _raw_encode(embedder)
+
+    def run(texts: list[str]) -> None:
+        with embedder.encoding_streams(requested) as streams, ThreadPoolExecutor(max_workers=streams) as pool:
+            size = min(group, -(-len(texts) // streams))  # a sample smaller than streams x group still uses all
+            list(pool.map(raw, [texts[i:i + size] for i in range(0, len(texts), size)]))
+
+    return run
+
+
 def scale_corpus(chunks: int, chunker: Chunker, chunk_chars: int = 300) -> tuple[list[Document], list[list[str]]]:
     """Deterministic documents of ~4 chunks each until the chunker yields ``chunks``; with their chunks."""
     documents, pieces, total, seed = [], [], 0, 10
@@ -221,16 +236,21 @@ def _ingest_scale(workdir: Path, config: RetrievalConfig, chunks: int, chunk_cha
     documents, texts = documents[lo:hi], [t for chunk_list in pieces[lo:hi] for t in chunk_list]
     probe = texts if sample is None or sample >= len(texts) else texts[:: len(texts) // sample][:sample]
     raw = _raw_encode(embedder)
+    raw_streams = _raw_encode_streams(embedder, ingestor.config.batch_chunks, ingestor.config.encode_streams)
+    with embedder.encoding_streams(ingestor.config.encode_streams) as streams:
+        pass  # how many streams the ingest will run
     timers: dict[str, float] = {"encode": 0.0, "write": 0.0}
     try:
         raw(texts[:128])  # warm-up; the registry and collection are created outside the timing
         ingestor.ingest("bench-scale", "bench", [Document("warm-up", "warm up")], progress=False)
         raw_before = _timed(raw, probe[0::2])
+        streams_before = _timed(raw_streams, probe[0::2])
         ingestor.embedder = _Timed(embedder, "encode", timers)  # type: ignore[assignment]
         ingestor.store = _Timed(ingestor.store, ("replace_documents", "flush"), timers, "write")  # type: ignore[assignment]
         summary = ingestor.ingest("bench-scale", "bench", documents, progress=progress)
         ingestor.embedder, ingestor.store = embedder, ingestor.store._inner  # type: ignore[attr-defined]
         settle = wait_until_idle(store_pid or os.getpid())  # the store's background work, not the host's
+        streams_after = _timed(raw_streams, probe[1::2])
         raw_after = _timed(raw, probe[1::2])
     finally:
         retriever.close()
@@ -238,6 +258,8 @@ def _ingest_scale(workdir: Path, config: RetrievalConfig, chunks: int, chunk_cha
               "failed": summary.failed, "seconds": summary.seconds, "raw_texts": len(probe),
               "raw_seconds": raw_before + raw_after, "raw_before_texts": len(probe[0::2]), "raw_before_s": raw_before,
               "raw_after_texts": len(probe[1::2]), "raw_after_s": raw_after, "settle_s": settle,
+              "raw_streams_seconds": streams_before + streams_after, "raw_streams_before_s": streams_before,
+              "raw_streams_after_s": streams_after, "streams": streams,
               "encode_s": timers["encode"], "write_s": timers["write"],
               "write_calls": timers.get("replace_documents_calls", 0), "groups": timers.get("encode_calls", 0),
               "store": "server" if config.milvus.uri.startswith(("http://", "https://")) else "in-process"}
@@ -247,14 +269,14 @@ def _ingest_scale(workdir: Path, config: RetrievalConfig, chunks: int, chunk_cha
         with log.open("a", encoding="utf-8") as out:
             out.write(json.dumps(result) + "\n")
         done = {r["part"]: r for r in map(json.loads, log.read_text(encoding="utf-8").splitlines())}
-        total = {k: sum(r.get(k, 0) for r in done.values()) for k in result if k not in ("part", "store")}
+        total = {k: sum(r.get(k, 0) for r in done.values()) for k in result if k not in ("part", "store", "streams")}
         rows += _scale_rows("ingest_scale_cumulative", {"part": f"{len(done)}/{parts}", **total})
     return rows
 
 
 def _scale_rows(bench: str, r: dict[str, Any]) -> list[Row]:
     raw_rate, ingest_rate = r["raw_texts"] / r["raw_seconds"], r["chunks"] / r["seconds"]
-    return [
+    rows = [
         # Before and after the ingest apart: a host whose speed drifts during the run shows here.
         _row(bench, "raw_encode_rate", raw_rate, "chunks/s", chunks=r["raw_texts"], part=r["part"],
              **{f"{when}_rate": round(r[f"raw_{when}_texts"] / r[f"raw_{when}_s"], 1)
@@ -264,10 +286,22 @@ def _scale_rows(bench: str, r: dict[str, Any]) -> list[Row]:
              seconds=round(r["seconds"], 1), part=r["part"]),
         _row(bench, "ingest_vs_raw", ingest_rate / raw_rate, "ratio", goal=">= 0.9", part=r["part"],
              store=r.get("store", "in-process")),
-        _row(bench, "time_split", r["seconds"], "s", encode_s=round(r["encode_s"], 1),
-             write_s_overlapped=round(r["write_s"], 1), rest_s=round(r["seconds"] - r["encode_s"], 1),
-             groups=r.get("groups"), writes=r.get("write_calls"), part=r["part"]),
     ]
+    streams = r.get("streams", 1)
+    if r.get("raw_streams_seconds"):
+        streams_rate = r["raw_texts"] / r["raw_streams_seconds"]
+        rows += [
+            _row(bench, "raw_streams_encode_rate", streams_rate, "chunks/s", chunks=r["raw_texts"], part=r["part"],
+                 streams=streams, **{f"{when}_rate": round(r[f"raw_{when}_texts"] / r[f"raw_streams_{when}_s"], 1)
+                                     for when in ("before", "after") if r.get(f"raw_streams_{when}_s")}),
+            _row(bench, "ingest_vs_raw_streams", ingest_rate / streams_rate, "ratio", part=r["part"]),
+        ]
+    # encode_s sums the encode calls' wall time over the streams: encode_s / streams is the encoders' wall time.
+    rows.append(_row(bench, "time_split", r["seconds"], "s", encode_s=round(r["encode_s"], 1), streams=streams,
+                     write_s_overlapped=round(r["write_s"], 1),
+                     rest_s=round(r["seconds"] - r["encode_s"] / streams, 1),
+                     groups=r.get("groups"), writes=r.get("write_calls"), part=r["part"]))
+    return rows
 
 
 class _Timed:

@@ -164,6 +164,13 @@ class IngestConfig(StrictModel):
     batch_chunks: int = Field(
         default=256, ge=1, le=100_000, description="Chunks embedded and upserted together (whole documents)."
     )
+    encode_streams: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Groups embedded at once, each on one torch thread (CPU). None = one per torch thread of the "
+        "embedder (on a GPU: 1); 1 = one group at a time on every thread.",
+    )
     show_progress: bool = Field(default=True, description="Show a tqdm progress bar (chunks) on stderr.")
     max_file_bytes: int = Field(
         default=256 * 1024 * 1024,

@@ -34,11 +34,12 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
@@ -63,6 +64,7 @@ from retrieval.types import (
 __all__ = ["IngestSummary", "Ingestor", "content_hash", "validate_document"]
 
 logger = logging.getLogger(__name__)
+T, R = TypeVar("T"), TypeVar("R")
 
 _GENERATION_CHARS = 12  # hex digits of the content hash in chunk ids: 48 bits tell versions apart
 # Rows one store write carries at least (the last write excepted). Every write is one locked switch
@@ -319,7 +321,7 @@ class Ingestor:
         summary.deleted = len(stale)
 
     def _write(self, info: CollectionInfo, pending: list[_Pending], summary: IngestSummary, show: bool) -> None:
-        """Encode group after group on this thread; one writer thread stores them, in input order.
+        """Encode groups on ``streams`` encoder threads; one writer thread stores them, in input order.
 
         Encoded groups are written once they hold a write unit of rows (``_WRITE_ROWS``, or
         1/``_WRITE_GROWTH`` of the collection's rows, stored before or written since, once that is
@@ -338,10 +340,13 @@ class Ingestor:
         collection_rows = self._stored_rows(info)  # stored before this ingest, then also those handed to the writer
         unflushed = [0]  # rows written since the last flush (writer thread only)
         with tqdm(total=total, unit="chunk", desc=f"ingest {info.name}", disable=not show or not total) as bar, \
+                self.embedder.encoding_streams(self.config.encode_streams if total else 1) as streams, \
+                ThreadPoolExecutor(max_workers=streams, thread_name_prefix="ingest-encode") as encoders, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer") as writer:
-            for group in _groups(pending, self.config.batch_chunks):
+            for group, encoded in _in_order(encoders, self._records, _groups(pending, self.config.batch_chunks),
+                                            ahead=2 * streams):
                 try:
-                    records += self._records(group)
+                    records += encoded.result()
                 except Exception as exc:  # one bad batch must not stop the rest
                     self._group_failed(info, group, summary, exc)
                     continue
@@ -417,6 +422,18 @@ class Ingestor:
             offset += len(p.chunks)
         # Embedding is done: the store's per-document lock is held only for the switch itself.
         return records
+
+
+def _in_order(pool: Executor, fn: Callable[[T], R], items: Iterable[T], *, ahead: int) -> Iterator[tuple[T, Future[R]]]:
+    """``(item, pool.submit(fn, item))`` in input order, at most ``ahead`` submitted and not yet yielded
+    (``Executor.map`` submits every item at once, holding every result, and raises on the first failure)."""
+    window: deque[tuple[T, Future[R]]] = deque()
+    for item in items:
+        window.append((item, pool.submit(fn, item)))
+        if len(window) >= ahead:
+            yield window.popleft()
+    while window:
+        yield window.popleft()
 
 
 def _groups(pending: list[_Pending], batch_chunks: int) -> Iterable[list[_Pending]]:

@@ -8,10 +8,11 @@ expressions: it checks and records the combined expression (``last_filter``) and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 from retrieval.filters import combine_filters, eq
@@ -33,9 +34,14 @@ _WORD = re.compile(r"\w+")
 class FakeEmbedder:
     """Bag-of-hashed-words embeddings; ``calls`` holds the batch size of every ``encode`` call."""
 
-    def __init__(self, dim: int = 64, model_name: str = "fake-embedder"):
-        self.dim, self.model_name = dim, model_name
+    def __init__(self, dim: int = 64, model_name: str = "fake-embedder", streams: int = 1):
+        self.dim, self.model_name, self.streams = dim, model_name, streams
         self.calls: list[int] = []
+
+    @contextlib.contextmanager
+    def encoding_streams(self, requested: int | None = None) -> Iterator[int]:
+        """``requested`` concurrent calls, else the ``streams`` given at construction."""
+        yield requested or self.streams
 
     def encode(self, texts: Sequence[str]) -> list[list[float]]:
         """One unit vector per text (all-zero text → a fixed unit vector)."""

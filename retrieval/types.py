@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -145,6 +146,11 @@ class EmbedderLike(Protocol):
 
     def encode(self, texts: Sequence[str]) -> list[list[float]]:
         """Unit-normalised embeddings, one per text, in order."""
+        ...
+
+    def encoding_streams(self, requested: int | None = None) -> AbstractContextManager[int]:
+        """While open: how many ``encode`` calls to run at once for a bulk encode (``requested``, or
+        the embedder's own choice when None; 1 = one call at a time)."""
         ...
 
 
