@@ -15,8 +15,11 @@ so a config change re-embeds) is stored on every chunk. On ingest:
   in the summary and the rest continue.
 
 Embedding is batched across documents (``ingest.batch_chunks``) so ingest runs close to the raw
-encode rate of the model, and the store writes run on a writer thread while the next groups encode
-(the model's forward pass releases the GIL; Milvus calls wait on the network). One writer thread
+encode rate of the model. Groups encode on ``ingest.encode_streams`` threads at once (on CPU one
+torch thread each: a stream pre-empted by the store's work stalls alone, where one call on every
+thread stalls whole; see ``Embedder.encoding_streams``), and the store writes run on a writer thread
+while the next groups encode (the model's forward pass releases the GIL; Milvus calls wait on the
+network). One writer thread
 keeps the writes in input order, each one locked switch of its documents. A write carries at least
 1024 rows (``_WRITE_ROWS``; the last one excepted), or an eighth of the rows this ingest has written
 so far once that is more (up to 8192), and, while the previous write is still in flight, up to 4

@@ -53,3 +53,26 @@ def test_timed_counts_only_the_named_method():
 def test_raw_encode_falls_back_to_encode_without_a_model():
     embedder = FakeEmbedder()
     assert _raw_encode(embedder)(["x"]) == embedder.encode(["x"])
+
+
+def test_scale_rows_with_the_streams_reference():
+    """Two encode streams: the second reference and its ratio; encode_s counts both streams' calls."""
+    result = {"part": "1/1", "chunks": 1000, "docs": 250, "failed": 0, "seconds": 10.0, "raw_texts": 400,
+              "raw_seconds": 5.0, "raw_before_texts": 200, "raw_after_texts": 200, "raw_before_s": 2.5,
+              "raw_after_s": 2.5, "raw_streams_seconds": 4.0, "raw_streams_before_s": 1.6,
+              "raw_streams_after_s": 2.4, "streams": 2, "encode_s": 18.0, "write_s": 3.0}
+    rows = {r["metric"]: r for r in _scale_rows("ingest_scale", result)}
+    assert rows["ingest_vs_raw"]["value"] == 1.25  # 100 chunks/s against 80
+    streams = rows["raw_streams_encode_rate"]
+    assert (streams["value"], streams["before_rate"], streams["after_rate"], streams["streams"]) == (100.0, 125.0,
+                                                                                                  83.3, 2)
+    assert rows["ingest_vs_raw_streams"]["value"] == 1.0
+    assert (rows["time_split"]["rest_s"], rows["time_split"]["streams"]) == (1.0, 2)  # 10 s − 18 s / 2 streams
+
+
+def test_raw_streams_reference_splits_a_small_sample_over_every_stream():
+    from retrieval.bench import _raw_encode_streams
+
+    embedder = FakeEmbedder(streams=3)
+    _raw_encode_streams(embedder, 256, None)([f"t{i}" for i in range(10)])
+    assert sorted(embedder.calls) == [2, 4, 4], "10 texts on 3 streams, not one group of 256"

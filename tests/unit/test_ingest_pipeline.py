@@ -188,3 +188,64 @@ def test_writes_into_a_large_collection_start_large(monkeypatch):
     empty = RecordingStore()
     make(empty, FakeEmbedder()).ingest("kb", "t1", more)
     assert empty.write_rows[0] < 30, ("an empty collection starts small", empty.write_rows)
+
+
+class MeetingEmbedder(FakeEmbedder):
+    """Every encode call waits until ``streams`` calls are running at once (a barrier, 10 s at most)."""
+
+    def __init__(self, streams: int, fail_doc: str | None = None):
+        super().__init__(streams=streams)
+        self.barrier, self.fail_doc = threading.Barrier(streams, timeout=10), fail_doc
+        self.met, self.threads = 0, set()
+
+    def encode(self, texts):
+        self.threads.add(threading.current_thread().name)
+        self.barrier.wait()  # raises BrokenBarrierError when the partner never comes
+        self.met += 1
+        if self.fail_doc and any(t.startswith(f"document {self.fail_doc[1:]} ") for t in texts):
+            raise RuntimeError("encoder refused")
+        return super().encode(texts)
+
+
+def test_groups_encode_on_concurrent_streams_and_land_as_one_stream_would():
+    store, embedder = InMemoryStore(), MeetingEmbedder(streams=2)
+    summary = make(store, embedder).ingest("kb", "t1", docs(6))  # one document a group: 6 groups
+    assert embedder.met == 6, "every group's encode ran beside another one"
+    assert len(embedder.threads) == 2 and all(n.startswith("ingest-encode") for n in embedder.threads)
+    single = InMemoryStore()
+    make(single, FakeEmbedder()).ingest("kb", "t1", docs(6))
+    assert summary.added == 6 and summary.failed == 0
+    assert store.rows == single.rows, "same rows and vectors as one stream"
+    order = [i.split("#")[0] for op, ids in store.ops if op == "replace" for i in ids]
+    assert list(dict.fromkeys(order)) == [f"d{i}" for i in range(6)], "written in input order"
+
+
+def test_a_failing_stream_fails_only_its_group():
+    store = InMemoryStore()
+    summary = make(store, MeetingEmbedder(streams=2, fail_doc="d3")).ingest("kb", "t1", docs(6))
+    assert [e.doc_id for e in summary.errors] == ["d3"] and "encoder refused" in summary.errors[0].reason
+    assert {r.doc_id for r in store.rows["mem_t1_kb"].values()} == {f"d{i}" for i in range(6)} - {"d3"}
+
+
+def test_in_order_keeps_input_order_and_bounds_the_work_ahead():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retrieval.ingest import _in_order
+
+    submitted, lock = [], threading.Lock()
+
+    def work(i):
+        with lock:
+            submitted.append(i)
+        time.sleep(0.02 * (5 - i % 5))  # later items finish first
+        return i * i
+
+    def items():  # a generator, as the ingest's groups are
+        yield from range(12)
+
+    out = []
+    with ThreadPoolExecutor(3) as pool:
+        for i, future in _in_order(pool, work, items(), ahead=3):
+            assert len(submitted) <= i + 3, "never more than `ahead` items past the one yielded"
+            out.append((i, future.result()))
+    assert out == [(i, i * i) for i in range(12)]

@@ -57,3 +57,37 @@ def test_cpu_threads_undo_a_forced_single_thread():
         assert _cpu_threads(1) == 1 == torch.get_num_threads()  # an explicit setting wins
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The packaged all-MiniLM-L6-v2 (local, no hub) on two torch threads."""
+    from retrieval.embedder import Embedder
+
+    return Embedder(EmbedderConfig(device="cpu", num_threads=2))
+
+
+def test_encoding_streams_run_one_torch_thread_each_and_give_the_threads_back(minilm):
+    import torch
+
+    assert torch.get_num_threads() == 2
+    with minilm.encoding_streams() as streams:
+        assert streams == 2 and torch.get_num_threads() == 1
+        with minilm.encoding_streams(3) as inner:  # a second bulk encode at the same time
+            assert inner == 3 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1, "the outer bulk encode is still running"
+    assert torch.get_num_threads() == 2
+    with minilm.encoding_streams(1) as one:
+        assert one == 1 and torch.get_num_threads() == 2, "one stream keeps every thread"
+
+
+def test_concurrent_streams_give_the_vectors_one_call_gives(minilm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"chunk {i}: " + "refunds are processed within thirty days " * (1 + i % 5) for i in range(48)]
+    alone = minilm.encode(texts)
+    with minilm.encoding_streams() as streams, ThreadPoolExecutor(streams) as pool:
+        parts = list(pool.map(minilm.encode, [texts[i:i + 8] for i in range(0, len(texts), 8)]))
+    together = [v for part in parts for v in part]
+    assert len(together) == len(alone)
+    assert max(abs(a - b) for u, w in zip(alone, together, strict=True) for a, b in zip(u, w, strict=True)) < 1e-5
