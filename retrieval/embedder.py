@@ -208,7 +208,7 @@ class Embedder:
         return int(self._model.max_seq_length)
 
     @contextlib.contextmanager
-    def encoding_streams(self, requested: int | None = None) -> Iterator[int]:
+    def encoding_streams(self, requested: int | None = None, *, at_most: int | None = None) -> Iterator[int]:
         """How many ``encode`` calls a bulk encode (an ingest) should run at once; torch set up for them.
 
         On CPU: ``requested`` streams (None: one per torch thread this embedder was given), each
@@ -218,7 +218,8 @@ class Embedder:
         stream per core loses only the stream that was pre-empted. Measured on 2 cores: alone, two
         streams encoded 80.8 chunks/s against 75.5 for one call (2,048 scale-corpus chunks, ABBA x2);
         inside a 100k-chunk ingest beside Milvus Lite they kept 0.945x their raw rate, where one call
-        had kept 0.84x (two runs on different hours). On a GPU: one stream.
+        had kept 0.84x (two runs on different hours). On a GPU: one stream. ``at_most``: the groups
+        there are to encode (one group encodes faster as one call on every thread).
 
         Torch's thread count is per process: while a bulk encode runs, other calls (a retriever
         replica's queries) run on one thread too, and the count comes back when the last bulk
@@ -227,7 +228,7 @@ class Embedder:
         if self._model.device.type != "cpu":
             yield 1
             return
-        streams = max(1, requested or self.threads or 1)
+        streams = max(1, min(requested or self.threads or 1, at_most or 1 << 30))
         if streams == 1:
             yield 1
             return

@@ -342,12 +342,12 @@ class Ingestor:
         units = 0  # full units in ``records``
         collection_rows = self._stored_rows(info)  # stored before this ingest, then also those handed to the writer
         unflushed = [0]  # rows written since the last flush (writer thread only)
+        groups = list(_groups(pending, self.config.batch_chunks))
         with tqdm(total=total, unit="chunk", desc=f"ingest {info.name}", disable=not show or not total) as bar, \
-                self.embedder.encoding_streams(self.config.encode_streams if total else 1) as streams, \
+                self.embedder.encoding_streams(self.config.encode_streams, at_most=len(groups)) as streams, \
                 ThreadPoolExecutor(max_workers=streams, thread_name_prefix="ingest-encode") as encoders, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer") as writer:
-            for group, encoded in _in_order(encoders, self._records, _groups(pending, self.config.batch_chunks),
-                                            ahead=2 * streams):
+            for group, encoded in _in_order(encoders, self._records, groups, ahead=2 * streams):
                 try:
                     records += encoded.result()
                 except Exception as exc:  # one bad batch must not stop the rest

@@ -39,9 +39,9 @@ class FakeEmbedder:
         self.calls: list[int] = []
 
     @contextlib.contextmanager
-    def encoding_streams(self, requested: int | None = None) -> Iterator[int]:
-        """``requested`` concurrent calls, else the ``streams`` given at construction."""
-        yield requested or self.streams
+    def encoding_streams(self, requested: int | None = None, *, at_most: int | None = None) -> Iterator[int]:
+        """``requested`` concurrent calls, else the ``streams`` given at construction; at most ``at_most``."""
+        yield max(1, min(requested or self.streams, at_most or 1 << 30))
 
     def encode(self, texts: Sequence[str]) -> list[list[float]]:
         """One unit vector per text (all-zero text → a fixed unit vector)."""

@@ -148,9 +148,11 @@ class EmbedderLike(Protocol):
         """Unit-normalised embeddings, one per text, in order."""
         ...
 
-    def encoding_streams(self, requested: int | None = None) -> AbstractContextManager[int]:
+    def encoding_streams(self, requested: int | None = None, *, at_most: int | None = None
+                         ) -> AbstractContextManager[int]:
         """While open: how many ``encode`` calls to run at once for a bulk encode (``requested``, or
-        the embedder's own choice when None; 1 = one call at a time)."""
+        the embedder's own choice when None; 1 = one call at a time), never more than ``at_most``
+        (the groups there are)."""
         ...
 
 

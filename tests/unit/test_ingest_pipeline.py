@@ -249,3 +249,17 @@ def test_in_order_keeps_input_order_and_bounds_the_work_ahead():
             assert len(submitted) <= i + 3, "never more than `ahead` items past the one yielded"
             out.append((i, future.result()))
     assert out == [(i, i * i) for i in range(12)]
+
+
+def test_streams_never_outnumber_the_groups():
+    class Asked(FakeEmbedder):
+        def encoding_streams(self, requested=None, *, at_most=None):
+            self.asked = (requested, at_most)
+            return super().encoding_streams(requested, at_most=at_most)
+
+    one_group = Asked(streams=4)
+    make(InMemoryStore(), one_group, batch_chunks=10_000).ingest("kb", "t1", docs(5))
+    assert one_group.asked == (None, 1), "one group encodes as one call on every thread"
+    six = Asked(streams=4)
+    make(InMemoryStore(), six).ingest("kb", "t1", docs(6))
+    assert six.asked == (None, 6)

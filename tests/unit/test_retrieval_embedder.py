@@ -79,6 +79,8 @@ def test_encoding_streams_run_one_torch_thread_each_and_give_the_threads_back(mi
     assert torch.get_num_threads() == 2
     with minilm.encoding_streams(1) as one:
         assert one == 1 and torch.get_num_threads() == 2, "one stream keeps every thread"
+    with minilm.encoding_streams(at_most=1) as one_group:
+        assert one_group == 1 and torch.get_num_threads() == 2, "one group: one call on every thread"
 
 
 def test_concurrent_streams_give_the_vectors_one_call_gives(minilm):
