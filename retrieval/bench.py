@@ -41,6 +41,7 @@ import random
 import re
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -325,6 +326,7 @@ class _Timed:
     def __init__(self, inner: Any, names: str | tuple[str, ...], timers: dict[str, float], key: str | None = None):
         self._names = (names,) if isinstance(names, str) else names
         self._inner, self._timers, self._key = inner, timers, key or self._names[0]
+        self._lock = threading.Lock()  # the ingest's encode streams call from several threads
 
     def __getattr__(self, attr: str) -> Any:
         value = getattr(self._inner, attr)
@@ -336,8 +338,9 @@ class _Timed:
             try:
                 return value(*args, **kwargs)
             finally:
-                self._timers[self._key] += time.perf_counter() - started
-                self._timers[f"{attr}_calls"] = self._timers.get(f"{attr}_calls", 0) + 1
+                with self._lock:
+                    self._timers[self._key] += time.perf_counter() - started
+                    self._timers[f"{attr}_calls"] = self._timers.get(f"{attr}_calls", 0) + 1
 
         return timed
 
