@@ -11,6 +11,7 @@ a py-spy binary, samples the server at 20 Hz into ``DIR/server-profile.txt`` (ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,6 +42,10 @@ class PooledVectors:
 
     def __getattr__(self, name: str):
         return getattr(self.embedder, name)
+
+    def encoding_streams(self, requested: int | None = None, *, at_most: int | None = None):
+        # One stream, as when this probe was measured (and ``self.rng`` is not thread-safe).
+        return contextlib.nullcontext(1)
 
     def encode(self, texts: list[str]) -> list[list[float]]:
         v = self.pool[self.rng.integers(0, len(self.pool), len(texts))]
